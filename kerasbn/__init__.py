@@ -1,0 +1,8 @@
+"""kerasbn: batch normalization for Keras 3, a drop-in for keras.layers.BatchNormalization."""
+
+from kerasbn.layer import BatchNorm
+
+BatchNormalization = BatchNorm
+
+__all__ = ["BatchNorm", "BatchNormalization"]
+__version__ = "0.1.0"
