@@ -1,0 +1,422 @@
+"""``kerasbn.BatchNorm``: a Keras-exact drop-in for ``keras.layers.BatchNormalization``."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+import keras
+from keras import constraints, initializers, ops, regularizers
+
+from kerasbn import backends
+from kerasbn import ops as bn_ops
+
+_RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def _check_fraction(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number in [0, 1]; got {value!r}.")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"`{name}` must lie in [0, 1]; got {name}={value!r}.")
+    return float(value)
+
+
+def _check_epsilon(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`epsilon` must be a real number > 0; got {value!r}.")
+    if not (float(value) > 0.0 and math.isfinite(value)):
+        raise ValueError(f"`epsilon` must be finite and > 0; got epsilon={value!r}.")
+    return float(value)
+
+
+def _check_axis(axis):
+    def is_int(a):
+        return isinstance(a, numbers.Integral) and not isinstance(a, bool)
+
+    if is_int(axis):
+        return int(axis)
+    if isinstance(axis, (list, tuple)) and axis and all(is_int(a) for a in axis):
+        if len(set(axis)) != len(axis):
+            raise ValueError(f"`axis` must not repeat an axis; got axis={axis!r}.")
+        return [int(a) for a in axis]
+    raise TypeError(
+        f"`axis` must be an int or a non-empty list/tuple of ints; got {axis!r}."
+    )
+
+
+def _check_renorm_clipping(clipping):
+    if clipping is None:
+        return None
+    if not isinstance(clipping, Mapping):
+        raise TypeError(
+            "`renorm_clipping` must be a dict with keys among "
+            f"{list(_RENORM_CLIPPING_KEYS)}; got {clipping!r}."
+        )
+    unknown = set(clipping) - set(_RENORM_CLIPPING_KEYS)
+    if unknown:
+        raise ValueError(
+            f"`renorm_clipping` has unknown keys {sorted(unknown)}; allowed keys are "
+            f"{list(_RENORM_CLIPPING_KEYS)}. Got renorm_clipping={dict(clipping)!r}."
+        )
+    rmin, rmax, dmax = (clipping.get(k) for k in ("rmin", "rmax", "dmax"))
+    if rmin is not None and rmax is not None and rmax < rmin:
+        raise ValueError(
+            f"`renorm_clipping` needs rmax >= rmin; got rmax={rmax!r}, rmin={rmin!r}."
+        )
+    if dmax is not None and dmax < 0:
+        raise ValueError(f"`renorm_clipping` needs dmax >= 0; got dmax={dmax!r}.")
+    return dict(clipping)
+
+
+@keras.saving.register_keras_serializable(package="kerasbn")
+class BatchNorm(keras.layers.Layer):
+    """Batch normalization, a drop-in for ``keras.layers.BatchNormalization``.
+
+    ``y = gamma * (x - mean) / sqrt(var + epsilon) + beta``. With
+    ``training=True`` (``fit()``), ``mean`` and ``var`` are the batch's own
+    (biased) statistics, and the moving statistics are updated as
+    ``moving = moving * momentum + batch * (1 - momentum)``. Otherwise
+    (``evaluate``/``predict``, ``training=False``/``None``) the moving
+    statistics are used. ``trainable=False`` forces inference mode and freezes
+    the statistics. A training batch whose mean or variance is not finite
+    leaves the moving statistics unchanged.
+
+    Args:
+        axis: the channel axis, or a list/tuple of axes; one statistic is kept
+            per element of their product.
+        momentum: weight of the old value in the moving averages, in [0, 1].
+        epsilon: added to the variance, > 0.
+        center: whether to add the learned offset ``beta``.
+        scale: whether to multiply by the learned scale ``gamma``.
+        beta_initializer, gamma_initializer: initializers of beta and gamma.
+        moving_mean_initializer, moving_variance_initializer: initializers of
+            the moving statistics.
+        beta_regularizer, gamma_regularizer: optional regularizers.
+        beta_constraint, gamma_constraint: optional constraints.
+        renorm: whether to use batch renormalization (Ioffe, 2017).
+        renorm_clipping: dict with optional keys ``rmax``, ``rmin``, ``dmax``.
+        renorm_momentum: momentum of the renorm statistics, in [0, 1].
+        synchronized: whether training statistics are those of the global batch
+            across all replicas and workers of a ``tf.distribute`` strategy.
+        **kwargs: base layer arguments (``name``, ``dtype``, ``trainable``...).
+
+    Call arguments:
+        inputs: a tensor of rank >= 2.
+        training: whether to use batch statistics (and update the moving ones).
+        mask: optional boolean tensor of the input's shape without the channel
+            axes; False positions do not count towards the statistics.
+
+    Raises:
+        TypeError, ValueError: on an invalid argument or input, with a message
+            that names the argument, the value and what is allowed.
+
+    Example:
+        >>> import numpy as np, kerasbn
+        >>> layer = kerasbn.BatchNorm(momentum=0.9)
+        >>> x = np.random.default_rng(0).normal(3.0, 2.0, (64, 4)).astype("float32")
+        >>> y = layer(x, training=True)
+        >>> bool(abs(float(np.mean(y))) < 1e-5)
+        True
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
+        synchronized=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.axis = _check_axis(axis)
+        self.momentum = _check_fraction("momentum", momentum)
+        self.epsilon = _check_epsilon(epsilon)
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.renorm = bool(renorm)
+        self.renorm_clipping = _check_renorm_clipping(renorm_clipping)
+        self.renorm_momentum = _check_fraction("renorm_momentum", renorm_momentum)
+        if synchronized and keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                "`synchronized=True` needs the TensorFlow backend; the backend is "
+                f"{keras.backend.backend()!r}."
+            )
+        self.synchronized = bool(synchronized)
+        self.supports_masking = True
+        self.gamma = self.beta = None
+        self.moving_mean = self.moving_variance = None
+
+    # ------------------------------------------------------------------ build
+    def build(self, input_shape):
+        ndim = len(input_shape)
+        axes = self.axis if isinstance(self.axis, list) else [self.axis]
+        for a in axes:
+            if not -ndim <= a < ndim:
+                raise ValueError(
+                    f"`axis` {a} is out of range for an input of rank {ndim} "
+                    f"(shape {tuple(input_shape)}); allowed: {-ndim}..{ndim - 1}. "
+                    f"Got axis={self.axis!r}."
+                )
+        channel_axes = sorted(a % ndim for a in axes)
+        if len(set(channel_axes)) != len(channel_axes):
+            raise ValueError(
+                f"`axis` names the same axis twice for rank {ndim}: axis={self.axis!r}."
+            )
+        unknown = [a for a in channel_axes if input_shape[a] is None]
+        if unknown:
+            raise ValueError(
+                f"The normalized axis {unknown[0]} of input shape {tuple(input_shape)}"
+                " has an unknown (None) size; BatchNorm needs it known at build time."
+            )
+        self._channel_axes = channel_axes
+        self._reduction_axes = [a for a in range(ndim) if a not in channel_axes]
+        self._broadcast_shape = [
+            input_shape[a] if a in channel_axes else 1 for a in range(ndim)
+        ]
+        shape = tuple(input_shape[a] for a in channel_axes)
+        self._add_weights(shape)
+        self.input_spec = keras.layers.InputSpec(
+            ndim=ndim, axes={a: input_shape[a] for a in channel_axes}
+        )
+
+    def _add_weights(self, shape):
+        def add(name, initializer, trainable=False, **kwargs):
+            return self.add_weight(
+                shape=shape,
+                name=name,
+                initializer=initializer,
+                trainable=trainable,
+                autocast=False,
+                **kwargs,
+            )
+
+        if self.scale:
+            self.gamma = add(
+                "gamma",
+                self.gamma_initializer,
+                trainable=True,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+            )
+        if self.center:
+            self.beta = add(
+                "beta",
+                self.beta_initializer,
+                trainable=True,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+            )
+        self.moving_mean = add("moving_mean", self.moving_mean_initializer)
+        self.moving_variance = add("moving_variance", self.moving_variance_initializer)
+        if self.renorm:
+            # As in Keras: renorm tracks the moving stddev, and its own
+            # (training-time) mean and stddev, all starting from the initializers.
+            def stddev_initializer(shape, dtype=None):
+                config = self.moving_variance_initializer.get_config()
+                fresh = self.moving_variance_initializer.__class__.from_config(config)
+                return ops.sqrt(fresh(shape, dtype=dtype))
+
+            mean_config = self.moving_mean_initializer.get_config()
+            self.moving_stddev = add("moving_stddev", stddev_initializer)
+            self.renorm_mean = add(
+                "renorm_mean",
+                self.moving_mean_initializer.__class__.from_config(mean_config),
+            )
+            self.renorm_stddev = add("renorm_stddev", stddev_initializer)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    # ------------------------------------------------------------------- call
+    def call(self, inputs, training=None, mask=None):
+        mask = self._broadcastable_mask(inputs, mask)
+        if not self._uses_batch_statistics(training):
+            outputs = self._normalize_with_moving_statistics(inputs)
+        else:
+            self._check_batch_has_spread(inputs)
+            outputs, mean, variance = self._normalize_with_batch_statistics(
+                inputs, mask
+            )
+            self._update_moving_statistics(mean, variance, mask)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _uses_batch_statistics(self, training) -> bool:
+        return bool(training) and self.trainable
+
+    def _normalize_with_moving_statistics(self, x):
+        impl = backends.implementation(x, self._reduction_axes)
+        return impl.normalize(
+            x,
+            self._broadcast(self.moving_mean),
+            self._broadcast(self.moving_variance),
+            self._broadcast(self.gamma),
+            self._broadcast(self.beta),
+            self.epsilon,
+        )
+
+    def _normalize_with_batch_statistics(self, x, mask):
+        """Returns ``(outputs, batch_mean, batch_variance)``."""
+        gamma, beta = self._broadcast(self.gamma), self._broadcast(self.beta)
+        if not (self.renorm or self.synchronized):
+            impl = backends.implementation(x, self._reduction_axes, mask)
+            return impl.batch_normalize(
+                x, self._reduction_axes, gamma, beta, self.epsilon, mask
+            )
+        local = bn_ops.sufficient_moments(x, self._reduction_axes, mask)
+        if self.synchronized:
+            from kerasbn import sync
+
+            local = sync.global_moments(local)
+        mean, variance = local.mean, local.variance
+        if self.renorm:
+            gamma, beta = self._renorm_affine(mean, variance, gamma, beta)
+        outputs = bn_ops.normalize(x, mean, variance, gamma, beta, self.epsilon)
+        return outputs, mean, variance
+
+    def _renorm_affine(self, mean, variance, gamma, beta):
+        """Folds the renorm correction into gamma and beta: (x̂·r + d)·γ + β."""
+        r, d = bn_ops.renorm_correction(
+            mean,
+            variance,
+            self._broadcast(self.renorm_mean),
+            self._broadcast(self.renorm_stddev),
+            self.epsilon,
+            self.renorm_clipping or {},
+        )
+        if gamma is None:
+            return r, d if beta is None else d + beta
+        return r * gamma, d * gamma if beta is None else d * gamma + beta
+
+    # --------------------------------------------------------- moving updates
+    def _update_moving_statistics(self, mean, variance, mask):
+        mean = ops.reshape(mean, self.moving_mean.shape)
+        variance = ops.reshape(variance, self.moving_variance.shape)
+        usable = bn_ops.all_finite(mean, variance)
+        if mask is not None:
+            usable = ops.logical_and(usable, ops.any(mask))
+        for variable, value in self._moving_updates(mean, variance):
+            variable.assign(
+                ops.where(usable, ops.cast(value, variable.dtype), variable)
+            )
+
+    def _moving_updates(self, mean, variance):
+        """Pairs ``(variable, new value)`` of one training step."""
+        if not self.renorm:
+            return [
+                (
+                    self.moving_mean,
+                    bn_ops.ema_update(self.moving_mean, mean, self.momentum),
+                ),
+                (
+                    self.moving_variance,
+                    bn_ops.ema_update(self.moving_variance, variance, self.momentum),
+                ),
+            ]
+        stddev = ops.sqrt(variance + self.epsilon)
+        moving_stddev = bn_ops.ema_update(self.moving_stddev, stddev, self.momentum)
+        return [
+            (
+                self.renorm_mean,
+                bn_ops.ema_update(self.renorm_mean, mean, self.renorm_momentum),
+            ),
+            (
+                self.renorm_stddev,
+                bn_ops.ema_update(self.renorm_stddev, stddev, self.renorm_momentum),
+            ),
+            (
+                self.moving_mean,
+                bn_ops.ema_update(self.moving_mean, mean, self.momentum),
+            ),
+            (self.moving_stddev, moving_stddev),
+            (
+                self.moving_variance,
+                ops.relu(moving_stddev * moving_stddev - self.epsilon),
+            ),
+        ]
+
+    # ---------------------------------------------------------------- helpers
+    def _broadcast(self, weight):
+        if weight is None:
+            return None
+        return ops.reshape(weight, self._broadcast_shape)
+
+    def _broadcastable_mask(self, inputs, mask):
+        """Checks ``mask`` and returns it with size-1 channel axes, or None."""
+        if mask is None:
+            return None
+        expected = [
+            d for a, d in enumerate(inputs.shape) if a not in self._channel_axes
+        ]
+        shape = list(mask.shape)
+        if len(shape) != len(expected) or any(
+            m is not None and e is not None and m != e for m, e in zip(shape, expected)
+        ):
+            raise ValueError(
+                f"`mask` must have the input's shape without the channel axes "
+                f"{self._channel_axes}, i.e. {tuple(expected)}; got mask.shape="
+                f"{tuple(shape)} for inputs.shape={tuple(inputs.shape)}."
+            )
+        mask = ops.cast(mask, "bool")
+        for a in self._channel_axes:
+            mask = ops.expand_dims(mask, a)
+        return mask
+
+    def _check_batch_has_spread(self, inputs):
+        sizes = [inputs.shape[a] for a in self._reduction_axes]
+        if all(s is not None for s in sizes) and math.prod(sizes) == 1:
+            raise ValueError(
+                "BatchNorm in training needs more than one value per channel to "
+                f"compute a variance; got inputs.shape={tuple(inputs.shape)} with "
+                f"channel axes {self._channel_axes}. Use a batch larger than 1 or "
+                "call it with training=False."
+            )
+
+    # ----------------------------------------------------------------- config
+    def get_config(self):
+        config = {
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(
+                self.moving_mean_initializer
+            ),
+            "moving_variance_initializer": initializers.serialize(
+                self.moving_variance_initializer
+            ),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "synchronized": self.synchronized,
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping,
+            "renorm_momentum": self.renorm_momentum,
+        }
+        return {**super().get_config(), **config}

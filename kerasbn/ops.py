@@ -1,0 +1,277 @@
+"""Pure, stateless batch-normalization math on ``keras.ops``.
+
+Every function here works on any Keras backend and is the reference that the
+backend fast paths in :mod:`kerasbn.backends` must reproduce.
+
+Statistics are kept as *shifted sufficient moments* ``(count, shift, offset,
+m2)``: the mean is ``shift + offset`` and the biased variance ``m2 / count``.
+The shift is one sample of the data itself, so ``x - shift`` is small and exact
+even when the mean is large compared with the spread (mean 1e4, std 1e-2 in
+float32). Groups of such moments merge exactly with Chan et al.'s pairwise
+formula (:func:`combine_moments`); ``E[x**2] - E[x]**2`` is never formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import keras
+from keras import ops
+
+
+class Moments(NamedTuple):
+    """Shifted sufficient moments of one or more groups of samples.
+
+    Attributes:
+        count: number of samples (float).
+        shift: a value close to the mean (one of the samples).
+        offset: mean of ``x - shift``; the mean is ``shift + offset``.
+        m2: sum of squared deviations from the mean.
+    """
+
+    count: object
+    shift: object
+    offset: object
+    m2: object
+
+    @property
+    def mean(self):
+        return self.shift + self.offset
+
+    @property
+    def variance(self):
+        return ops.divide_no_nan(self.m2, self.count)
+
+
+def statistics_dtype(dtype) -> str:
+    """The dtype that statistics use for inputs of ``dtype``: float32 at least."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    return "float64" if dtype == "float64" else "float32"
+
+
+def _first_sample(x, axes: Sequence[int]):
+    """The first element along ``axes`` (keepdims), or 0 where the batch is empty."""
+    index = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
+    return ops.sum(x[index], axis=tuple(axes), keepdims=True)
+
+
+def _sample_count(x, axes: Sequence[int]):
+    """The number of elements along ``axes``, as a scalar of ``x``'s dtype."""
+    shape = ops.shape(x)
+    count = 1
+    for a in axes:
+        count = count * shape[a]
+    return ops.cast(count, x.dtype)
+
+
+def sufficient_moments(x, axes: Sequence[int], mask=None) -> Moments:
+    """Shifted sufficient moments of ``x`` over ``axes``.
+
+    Args:
+        x: input tensor; cast to float32 (float64 stays float64).
+        axes: the reduction axes.
+        mask: optional boolean tensor broadcastable to ``x`` (size 1 on the
+            axes that are not reduced). False positions are ignored, whatever
+            value ``x`` holds there (NaN included).
+
+    Returns:
+        A :class:`Moments` whose fields keep the reduced axes with size 1.
+
+    Example:
+        >>> m = sufficient_moments(keras.ops.ones((4, 3)), axes=[0])
+        >>> [float(v) for v in keras.ops.ravel(m.variance)]
+        [0.0, 0.0, 0.0]
+    """
+    axes = tuple(axes)
+    x = ops.cast(x, statistics_dtype(x.dtype))
+    if mask is not None:
+        mask = ops.broadcast_to(ops.cast(mask, "bool"), ops.shape(x))
+        x = ops.where(mask, x, ops.zeros_like(x))
+    shift = ops.stop_gradient(_first_sample(x, axes))
+    centred = x - shift
+    if mask is None:
+        count = ops.zeros_like(shift) + _sample_count(x, axes)
+        offset = ops.divide_no_nan(ops.sum(centred, axis=axes, keepdims=True), count)
+        m2 = ops.sum(ops.square(centred - offset), axis=axes, keepdims=True)
+    else:
+        centred = ops.where(mask, centred, ops.zeros_like(centred))
+        count = ops.sum(ops.cast(mask, x.dtype), axis=axes, keepdims=True)
+        offset = ops.divide_no_nan(ops.sum(centred, axis=axes, keepdims=True), count)
+        deviation = ops.where(mask, centred - offset, ops.zeros_like(centred))
+        m2 = ops.sum(ops.square(deviation), axis=axes, keepdims=True)
+    return Moments(count, shift, offset, m2)
+
+
+def moments(x, axes: Sequence[int], mask=None):
+    """Mean and biased variance of ``x`` over ``axes`` (keepdims), float32 at least.
+
+    Args:
+        x: input tensor.
+        axes: the reduction axes.
+        mask: optional boolean tensor broadcastable to ``x``; see
+            :func:`sufficient_moments`.
+
+    Returns:
+        ``(mean, variance)`` with ``variance >= 0``. A fully masked group gives
+        mean 0 and variance 0.
+
+    Example:
+        >>> mean, var = moments(keras.ops.array([[1.0], [3.0]]), axes=[0])
+        >>> float(mean[0, 0]), float(var[0, 0])
+        (2.0, 1.0)
+    """
+    m = sufficient_moments(x, axes, mask)
+    return m.mean, m.variance
+
+
+def combine_moments(groups: Moments, axis: int = 0) -> Moments:
+    """Merges groups of moments stacked along ``axis`` into one (Chan et al.).
+
+    All groups are re-expressed around the shift of the largest group, which
+    keeps the merge exact when the mean is large compared with the spread.
+    Groups with count 0 contribute nothing.
+
+    Args:
+        groups: a :class:`Moments` whose fields are stacked along ``axis``.
+        axis: the axis that indexes the groups.
+
+    Returns:
+        The merged :class:`Moments`, with ``axis`` removed.
+
+    Example:
+        >>> a = sufficient_moments(keras.ops.array([[1.0], [2.0]]), [0])
+        >>> b = sufficient_moments(keras.ops.array([[6.0]]), [0])
+        >>> stacked = Moments(*[keras.ops.stack(f) for f in zip(a, b)])
+        >>> float(combine_moments(stacked).variance[0, 0])  # var of 1, 2, 6
+        4.666666507720947
+    """
+    count, shift, offset, m2 = groups
+    largest = ops.expand_dims(ops.argmax(count, axis=axis), axis)
+    common_shift = ops.take_along_axis(shift, largest, axis=axis)
+    group_offset = (shift - common_shift) + offset
+    total = ops.sum(count, axis=axis)
+    mean_offset = ops.divide_no_nan(ops.sum(count * group_offset, axis=axis), total)
+    between = count * ops.square(group_offset - ops.expand_dims(mean_offset, axis))
+    merged_m2 = ops.sum(m2, axis=axis) + ops.sum(between, axis=axis)
+    return Moments(total, ops.squeeze(common_shift, axis), mean_offset, merged_m2)
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """Merges two sets of moments of the same shape (see :func:`combine_moments`)."""
+    return combine_moments(Moments(*[ops.stack(pair) for pair in zip(a, b)]))
+
+
+def normalize(x, mean, variance, gamma, beta, epsilon: float):
+    """``gamma * (x - mean) / sqrt(variance + epsilon) + beta``.
+
+    Computed as ``x * scale + shift`` with the per-channel ``scale`` and
+    ``shift`` formed first, in the statistics' dtype, exactly as
+    ``tf.nn.batch_normalization`` does.
+
+    Args:
+        x: input tensor.
+        mean, variance: statistics broadcastable to ``x``.
+        gamma, beta: scale and offset broadcastable to ``x``, or None.
+        epsilon: added to the variance.
+
+    Returns:
+        The normalized tensor, in ``x``'s statistics dtype (float32 at least).
+
+    Example:
+        >>> y = normalize(keras.ops.array([[0.0], [2.0]]), 1.0, 1.0, None, None, 0.0)
+        >>> [float(v) for v in keras.ops.ravel(y)]
+        [-1.0, 1.0]
+    """
+    x = ops.cast(x, statistics_dtype(x.dtype))
+    scale, offset = affine_from_statistics(mean, variance, gamma, beta, epsilon)
+    return x * ops.cast(scale, x.dtype) + ops.cast(offset, x.dtype)
+
+
+def batch_normalize(x, axes: Sequence[int], gamma, beta, epsilon: float, mask=None):
+    """Training-mode batch normalization: ``x`` normalized with its own statistics.
+
+    Args:
+        x: input tensor.
+        axes: the reduction axes.
+        gamma, beta: scale and offset broadcastable to ``x``, or None.
+        epsilon: added to the variance.
+        mask: optional boolean tensor broadcastable to ``x``.
+
+    Returns:
+        ``(y, mean, variance)``: the output in the statistics dtype, and the
+        batch statistics with the reduced axes kept.
+
+    Example:
+        >>> y, mean, var = batch_normalize(keras.ops.array([[0.0], [2.0]]), [0],
+        ...                                None, None, 0.0)
+        >>> [float(v) for v in keras.ops.ravel(y)], float(mean[0, 0])
+        ([-1.0, 1.0], 1.0)
+    """
+    mean, variance = moments(x, axes, mask)
+    return normalize(x, mean, variance, gamma, beta, epsilon), mean, variance
+
+
+def affine_from_statistics(mean, variance, gamma, beta, epsilon: float):
+    """The per-channel ``(scale, offset)`` such that BN(x) = ``x * scale + offset``.
+
+    Args:
+        mean, variance: the statistics.
+        gamma, beta: scale and offset, or None.
+        epsilon: added to the variance.
+
+    Returns:
+        ``(scale, offset)`` in the statistics' dtype.
+
+    Example:
+        >>> s, o = affine_from_statistics(1.0, 4.0, 2.0, 0.5, 0.0)
+        >>> float(s), float(o)
+        (1.0, -0.5)
+    """
+    scale = ops.rsqrt(variance + epsilon)
+    if gamma is not None:
+        scale = scale * gamma
+    offset = -mean * scale if beta is None else beta - mean * scale
+    return scale, offset
+
+
+def ema_update(moving, value, momentum: float):
+    """The Keras moving average: ``moving * momentum + value * (1 - momentum)``.
+
+    Example:
+        >>> float(ema_update(1.0, 0.0, 0.99))
+        0.99
+    """
+    return moving * momentum + value * (1.0 - momentum)
+
+
+def all_finite(*tensors):
+    """A scalar boolean: every element of every tensor is finite."""
+    return ops.all(ops.stack([ops.all(ops.isfinite(t)) for t in tensors]))
+
+
+def renorm_correction(
+    mean, variance, renorm_mean, renorm_stddev, epsilon: float, clipping: Mapping
+):
+    """Batch-renormalization corrections ``(r, d)`` (Ioffe, 2017), gradient-free.
+
+    ``r = std / renorm_std`` and ``d = (mean - renorm_mean) / renorm_std``, with
+    ``renorm_std`` floored at ``sqrt(epsilon)`` and ``r`` clipped to
+    ``[rmin, rmax]``, ``d`` to ``[-dmax, dmax]``, as Keras does.
+
+    Example:
+        >>> r, d = renorm_correction(1.0, 3.0, 0.0, 1.0, 1.0, {"rmax": 1.5})
+        >>> float(r), float(d)
+        (1.5, 1.0)
+    """
+    stddev = ops.sqrt(variance + epsilon)
+    renorm_stddev = ops.maximum(renorm_stddev, ops.sqrt(epsilon))
+    r = stddev / renorm_stddev
+    d = (mean - renorm_mean) / renorm_stddev
+    if clipping.get("rmin") is not None:
+        r = ops.maximum(r, clipping["rmin"])
+    if clipping.get("rmax") is not None:
+        r = ops.minimum(r, clipping["rmax"])
+    if clipping.get("dmax") is not None:
+        d = ops.clip(d, -clipping["dmax"], clipping["dmax"])
+    return ops.stop_gradient(r), ops.stop_gradient(d)

@@ -1,0 +1,39 @@
+"""Synchronized batch statistics across tf.distribute replicas and workers.
+
+Each replica computes its shifted sufficient moments ``(count, shift, offset,
+m2)`` locally. One ``all_gather`` brings every replica's moments to every
+replica, and :func:`kerasbn.ops.combine_moments` merges them exactly (Chan et
+al.), weighted by the counts, so uneven or empty replicas give the statistics
+of the global batch. Gradients flow through ``all_gather`` to every replica's
+inputs. Outside a strategy, or with one replica, the local moments are used.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from kerasbn import ops as bn_ops
+
+
+def global_moments(local: bn_ops.Moments) -> bn_ops.Moments:
+    """Merges the local moments of every replica in sync.
+
+    Args:
+        local: this replica's :class:`kerasbn.ops.Moments`; all fields have the
+            same shape on every replica.
+
+    Returns:
+        The moments of the global batch (the local ones where there is no
+        cross-replica context to merge over).
+
+    Example:
+        >>> m = bn_ops.sufficient_moments(tf.ones((2, 3)), [0])
+        >>> global_moments(m).count.shape  # no strategy: the local moments
+        TensorShape([1, 3])
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return local
+    packed = tf.stack(list(local))[tf.newaxis]
+    gathered = context.all_gather(packed, axis=0)
+    return bn_ops.combine_moments(bn_ops.Moments(*tf.unstack(gathered, axis=1)))
