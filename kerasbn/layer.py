@@ -318,9 +318,8 @@ class BatchNorm(keras.layers.Layer):
         if mask is not None:
             usable = ops.logical_and(usable, ops.any(mask))
         for variable, value in self._moving_updates(mean, variance):
-            variable.assign(
-                ops.where(usable, ops.cast(value, variable.dtype), variable)
-            )
+            current = ops.convert_to_tensor(variable)
+            variable.assign(ops.where(usable, ops.cast(value, variable.dtype), current))
 
     def _moving_updates(self, mean, variance):
         """Pairs ``(variable, new value)`` of one training step."""

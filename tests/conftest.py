@@ -1,0 +1,62 @@
+"""Shared test set-up: two logical CPU devices, NumPy references, a parity log."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Tests with tf.distribute need two devices; they must exist before TF starts.
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    _cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+)
+
+# Largest differences from the peer layers seen in this run, by measure name.
+PARITY_LOG: dict[str, float] = {}
+
+
+def record(name: str, actual, expected) -> float:
+    """Records the largest absolute difference of ``actual`` from ``expected``."""
+    diff = float(
+        np.max(np.abs(np.asarray(actual, np.float64) - np.asarray(expected, np.float64)))
+    )
+    PARITY_LOG[name] = max(PARITY_LOG.get(name, 0.0), diff)
+    return diff
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PARITY_LOG:
+        terminalreporter.section("kerasbn: largest observed differences")
+        for name, diff in sorted(PARITY_LOG.items()):
+            terminalreporter.write_line(f"{name}: {diff:.3g}")
+
+
+def np_moments(x, channel_axes, mask=None):
+    """Float64 NumPy mean and biased variance per channel (channel axes kept)."""
+    x = np.asarray(x, np.float64)
+    axes = tuple(a for a in range(x.ndim) if a not in channel_axes)
+    if mask is None:
+        return x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+    w = np.broadcast_to(np.asarray(mask, np.float64), x.shape)
+    n = w.sum(axis=axes, keepdims=True)
+    mean = (w * x).sum(axis=axes, keepdims=True) / n
+    var = (w * (x - mean) ** 2).sum(axis=axes, keepdims=True) / n
+    return mean, var
+
+
+def np_batch_norm(x, mean, var, gamma=None, beta=None, epsilon=1e-3):
+    """The BN formula in float64: gamma * (x - mean) / sqrt(var + eps) + beta."""
+    y = (np.asarray(x, np.float64) - mean) / np.sqrt(var + epsilon)
+    if gamma is not None:
+        y = y * gamma
+    if beta is not None:
+        y = y + beta
+    return y
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

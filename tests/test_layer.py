@@ -1,0 +1,498 @@
+"""kerasbn.BatchNorm against keras.layers.BatchNormalization, NumPy and finite differences."""
+
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import np_batch_norm, np_moments, record
+
+import kerasbn
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _pair(input_shape, **kwargs):
+    """A kerasbn layer and a Keras layer built with the same arguments and weights."""
+    ours, peer = kerasbn.BatchNorm(**kwargs), keras.layers.BatchNormalization(**kwargs)
+    ours.build(input_shape)
+    peer.build(input_shape)
+    peer.set_weights(ours.get_weights())
+    return ours, peer
+
+
+def _train_call(layer, x, upstream):
+    """One training call: output, gradients w.r.t. x and the trainable weights."""
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(y * upstream)
+    grads = tape.gradient(loss, [x] + layer.trainable_weights)
+    return y, grads
+
+
+# ------------------------------------------------------------------- names, args
+def test_exported_names_and_registration():
+    assert kerasbn.BatchNormalization is kerasbn.BatchNorm
+    assert keras.saving.get_registered_name(kerasbn.BatchNorm) == "kerasbn>BatchNorm"
+    assert keras.saving.get_registered_object("kerasbn>BatchNorm") is kerasbn.BatchNorm
+
+
+def test_constructor_has_keras_arguments_and_defaults():
+    keras_params = inspect.signature(keras.layers.BatchNormalization.__init__).parameters
+    our_params = inspect.signature(kerasbn.BatchNorm.__init__).parameters
+    for name, param in keras_params.items():
+        assert name in our_params, name
+        assert our_params[name].default == param.default, name
+
+
+def test_default_config_equals_keras_config():
+    ours = kerasbn.BatchNorm(name="bn").get_config()
+    peer = keras.layers.BatchNormalization(name="bn").get_config()
+    for key, value in peer.items():
+        assert ours[key] == value, key
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_weights_match_keras_names_shapes_order_and_trainability(renorm):
+    ours, peer = _pair((None, 5, 7), renorm=renorm)
+    assert [w.name for w in ours.weights] == [w.name for w in peer.weights]
+    assert [tuple(w.shape) for w in ours.weights] == [tuple(w.shape) for w in peer.weights]
+    assert [w.trainable for w in ours.weights] == [w.trainable for w in peer.weights]
+    assert all(w.dtype == "float32" for w in ours.weights)
+
+
+def test_lecture_cnn_summary_counts():
+    model = keras.Sequential([keras.Input((28, 28, 1))])
+    for layer in [
+        keras.layers.Conv2D(10, (5, 5)), kerasbn.BatchNorm(), keras.layers.Activation("relu"),
+        keras.layers.MaxPooling2D((2, 2)), keras.layers.Conv2D(20, (5, 5)), kerasbn.BatchNorm(),
+        keras.layers.Activation("relu"), keras.layers.MaxPooling2D((2, 2)),
+        keras.layers.Flatten(), keras.layers.Dense(100), kerasbn.BatchNorm(),
+        keras.layers.Activation("relu"), keras.layers.Dense(10, activation="softmax"),
+    ]:
+        model.add(layer)
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    frozen = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
+    assert (model.count_params(), trainable, frozen) == (38_910, 38_650, 260)
+    bn_params = [layer.count_params() for layer in model.layers if isinstance(layer, kerasbn.BatchNorm)]
+    assert bn_params == [4 * 10, 4 * 20, 4 * 100]
+
+
+# ------------------------------------------------------------------ parity matrix
+PARITY_CASES = [
+    dict(shape=(16, 6)),
+    dict(shape=(8, 5, 5, 3)),
+    dict(shape=(8, 3, 5, 5), axis=1),
+    dict(shape=(4, 3, 4, 5, 2), axis=-1, momentum=0.5),
+    dict(shape=(4, 3, 4, 5, 2), axis=2, epsilon=1e-1),
+    dict(shape=(6, 9, 4), axis=1, momentum=0.0),
+    dict(shape=(6, 9, 4), momentum=1.0),
+    dict(shape=(8, 5, 5, 3), center=False),
+    dict(shape=(8, 5, 5, 3), scale=False),
+    dict(shape=(8, 5, 5, 3), center=False, scale=False),
+    dict(
+        shape=(16, 6), gamma_initializer="random_normal", beta_initializer="random_uniform",
+        moving_mean_initializer="random_normal", moving_variance_initializer="ones",
+    ),
+    dict(shape=(16, 6), gamma_regularizer="l2", beta_regularizer="l1",
+         gamma_constraint="non_neg", beta_constraint="max_norm"),
+    dict(shape=(8, 5, 5, 3), renorm=True),
+    dict(shape=(8, 5, 5, 3), renorm=True, renorm_momentum=0.5, momentum=0.8),
+    dict(shape=(16, 6), renorm=True, renorm_clipping={"rmax": 1.1, "rmin": 0.9, "dmax": 0.1}),
+    dict(shape=(16, 6), renorm=True, center=False, scale=False),
+    dict(shape=(16, 6), synchronized=True),
+]
+
+
+@pytest.mark.parametrize("case", PARITY_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_matches_keras_outputs_gradients_and_moving_statistics(rng, case):
+    case = dict(case)
+    shape = case.pop("shape")
+    ours, peer = _pair(shape, **case)
+    for step in range(4):
+        x = rng.normal(step - 1.0, 1.0 + step, shape).astype("float32")
+        upstream = rng.normal(size=shape).astype("float32")
+        y, grads = _train_call(ours, x, upstream)
+        y_ref, grads_ref = _train_call(peer, x, upstream)
+        np.testing.assert_allclose(y, y_ref, **TOL)
+        record("training output", y, y_ref)
+        for g, g_ref in zip(grads, grads_ref):
+            np.testing.assert_allclose(g, g_ref, **TOL)
+            record("gradients (x, gamma, beta)", g, g_ref)
+        for w, w_ref in zip(ours.get_weights(), peer.get_weights()):
+            np.testing.assert_allclose(w, w_ref, **TOL)
+            record("moving statistics and weights", w, w_ref)
+    x = rng.normal(size=shape).astype("float32")
+    np.testing.assert_allclose(ours(x), peer(x), **TOL)
+    record("inference output", ours(x), peer(x))
+    assert ours.losses == [] or np.allclose(sum(ours.losses), sum(peer.losses), **TOL)
+
+
+@pytest.mark.parametrize("direction", ["keras_to_kerasbn", "kerasbn_to_keras"])
+def test_set_weights_from_the_other_layer_gives_same_outputs(rng, direction):
+    shape = (8, 4, 4, 3)
+    ours, peer = _pair(shape, gamma_initializer="random_normal")
+    source, target = (peer, ours) if direction == "keras_to_kerasbn" else (ours, peer)
+    for _ in range(3):
+        source(rng.normal(2.0, 3.0, shape).astype("float32"), training=True)
+    target.set_weights(source.get_weights())
+    x = rng.normal(size=shape).astype("float32")
+    np.testing.assert_allclose(ours(x), peer(x), **TOL)
+    np.testing.assert_allclose(ours(x, training=True), peer(x, training=True), **TOL)
+
+
+def test_training_output_and_moving_statistics_match_numpy(rng):
+    layer = kerasbn.BatchNorm(axis=[1, 3], momentum=0.8, epsilon=1e-2)
+    shape = (6, 3, 5, 2)
+    layer.build(shape)
+    assert tuple(layer.moving_mean.shape) == (3, 2)
+    moving_mean, moving_var = np.zeros((1, 3, 1, 2)), np.ones((1, 3, 1, 2))
+    for step in range(3):
+        x = rng.normal(step, 2.0, shape).astype("float32")
+        mean, var = np_moments(x, [1, 3])
+        y = layer(x, training=True)
+        np.testing.assert_allclose(y, np_batch_norm(x, mean, var, epsilon=1e-2), **TOL)
+        moving_mean = 0.8 * moving_mean + 0.2 * mean
+        moving_var = 0.8 * moving_var + 0.2 * var
+    np.testing.assert_allclose(layer.moving_mean, moving_mean.reshape(3, 2), **TOL)
+    np.testing.assert_allclose(layer.moving_variance, moving_var.reshape(3, 2), **TOL)
+    x = rng.normal(size=shape).astype("float32")
+    np.testing.assert_allclose(
+        layer(x), np_batch_norm(x, moving_mean, moving_var, epsilon=1e-2), **TOL
+    )
+
+
+@pytest.mark.parametrize("axis", [-1, 1, [1, 2]])
+def test_gradients_match_central_finite_differences(rng, axis):
+    shape = (5, 3, 2)
+    layer = kerasbn.BatchNorm(axis=axis, dtype="float64", gamma_initializer="random_normal",
+                              beta_initializer="random_normal")
+    layer.build(shape)
+    x = rng.normal(size=shape)
+    upstream = rng.normal(size=shape)
+    params = [x] + [w.numpy() for w in layer.trainable_weights]
+
+    def loss(values):
+        for w, v in zip(layer.trainable_weights, values[1:]):
+            w.assign(v)
+        return float(tf.reduce_sum(layer(values[0], training=True) * upstream))
+
+    _, analytic = _train_call(layer, x, upstream)
+    h = 1e-6
+    for i, p in enumerate(params):
+        numeric = np.zeros_like(p)
+        for idx in np.ndindex(p.shape):
+            plus = [q.copy() for q in params]
+            minus = [q.copy() for q in params]
+            plus[i][idx] += h
+            minus[i][idx] -= h
+            numeric[idx] = (loss(plus) - loss(minus)) / (2 * h)
+        np.testing.assert_allclose(analytic[i], numeric, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- training flag
+def _small_model(kind, **bn_kwargs):
+    if kind == "sequential":
+        model = keras.Sequential([keras.Input((4,))])
+        model.add(keras.layers.Dense(3, kernel_initializer="ones"))
+        model.add(kerasbn.BatchNorm(**bn_kwargs))
+        return model
+    if kind == "functional":
+        inputs = keras.Input((4,))
+        outputs = kerasbn.BatchNorm(**bn_kwargs)(keras.layers.Dense(3)(inputs))
+        return keras.Model(inputs, outputs)
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+            self.bn = kerasbn.BatchNorm(**bn_kwargs)
+
+        def call(self, x, training=None):
+            return self.bn(self.dense(x), training=training)
+
+    model = Subclassed()
+    model(np.zeros((2, 4), "float32"))
+    return model
+
+
+def _bn(model):
+    return next(layer for layer in model._flatten_layers() if isinstance(layer, kerasbn.BatchNorm))
+
+
+def _dense(model):
+    return next(layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dense))
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional", "subclassed"])
+def test_fit_updates_moving_statistics_and_predict_uses_them(rng, kind):
+    model = _small_model(kind, momentum=0.5)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    x = rng.normal(3.0, 2.0, (64, 4)).astype("float32")
+    model.fit(x, np.zeros((64, 3)), batch_size=16, epochs=1, shuffle=False, verbose=0)
+    bn = _bn(model)
+    h = _dense(model)(x).numpy()  # SGD(0): the dense layer did not change
+    moving_mean, moving_var = np.zeros(3), np.ones(3)
+    for batch in np.split(h, 4):
+        mean, var = batch.mean(0), batch.var(0)
+        moving_mean, moving_var = 0.5 * moving_mean + 0.5 * mean, 0.5 * moving_var + 0.5 * var
+    np.testing.assert_allclose(bn.moving_mean, moving_mean, **TOL)
+    np.testing.assert_allclose(bn.moving_variance, moving_var, **TOL)
+    before = [w.copy() for w in bn.get_weights()]
+    predicted = model.predict(x, verbose=0)
+    model.evaluate(x, np.zeros((64, 3)), verbose=0)
+    for w, w_before in zip(bn.get_weights(), before):
+        np.testing.assert_array_equal(w, w_before)
+    np.testing.assert_allclose(predicted, np_batch_norm(h, moving_mean, moving_var), **TOL)
+
+
+def test_trainable_false_forces_inference_mode_and_freezes_statistics(rng):
+    model = _small_model("sequential", momentum=0.5)
+    bn = _bn(model)
+    bn.trainable = False
+    model.compile(optimizer="sgd", loss="mse")
+    before = [w.copy() for w in bn.get_weights()]
+    x = rng.normal(3.0, 2.0, (32, 4)).astype("float32")
+    model.fit(x, np.zeros((32, 3)), batch_size=8, verbose=0)
+    for w, w_before in zip(bn.get_weights(), before):
+        np.testing.assert_array_equal(w, w_before)
+    h = rng.normal(size=(8, 3)).astype("float32")
+    np.testing.assert_allclose(bn(h, training=True), np_batch_norm(h, 0.0, 1.0), **TOL)
+
+
+def test_training_false_and_none_use_moving_statistics(rng):
+    layer = kerasbn.BatchNorm(moving_mean_initializer="random_normal")
+    x = rng.normal(size=(8, 3)).astype("float32")
+    layer.build(x.shape)
+    ref = np_batch_norm(x, layer.moving_mean.numpy(), layer.moving_variance.numpy())
+    np.testing.assert_allclose(layer(x, training=False), ref, **TOL)
+    np.testing.assert_allclose(layer(x), ref, **TOL)
+
+
+def test_custom_loop_gradient_tape_updates_statistics(rng):
+    model = _small_model("functional", momentum=0.0)
+    x = rng.normal(1.0, 2.0, (16, 4)).astype("float32")
+    optimizer = keras.optimizers.SGD(0.1)
+    h = _dense(model)(x).numpy()
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(x, training=True) - 1.0))
+    grads = tape.gradient(loss, model.trainable_weights)
+    optimizer.apply_gradients(zip(grads, model.trainable_weights))
+    np.testing.assert_allclose(_bn(model).moving_mean, h.mean(0), **TOL)
+    np.testing.assert_allclose(_bn(model).moving_variance, h.var(0), **TOL)
+
+
+def test_jax_stateless_call_returns_updated_statistics():
+    script = textwrap.dedent(
+        """
+        import numpy as np, keras, kerasbn
+        x = np.random.default_rng(0).normal(2.0, 3.0, (16, 3)).astype("float32")
+        layer = kerasbn.BatchNorm(momentum=0.25)
+        layer.build(x.shape)
+        trainable = [v.value for v in layer.trainable_variables]
+        frozen = [v.value for v in layer.non_trainable_variables]
+        y, new = layer.stateless_call(trainable, frozen, x, training=True)
+        assert keras.backend.backend() == "jax"
+        np.testing.assert_allclose(np.asarray(new[0]), 0.75 * x.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(new[1]), 0.25 + 0.75 * x.var(0), rtol=1e-5)
+        np.testing.assert_array_equal(layer.moving_mean.numpy(), 0.0)
+        print("ok")
+        """
+    )
+    pytest.importorskip("jax")
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_predict_of_one_sample_equals_batch_predict(rng):
+    model = _small_model("sequential")
+    model.compile(optimizer="sgd", loss="mse")
+    x = rng.normal(2.0, 1.0, (40, 4)).astype("float32")
+    model.fit(x, np.zeros((40, 3)), batch_size=8, verbose=0)
+    batch = model.predict(x, verbose=0)
+    for i in (0, 17, 39):
+        np.testing.assert_allclose(model.predict(x[i : i + 1], verbose=0)[0], batch[i],
+                                   rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------- masking
+MASK_CASES = [((12, 3), -1), ((6, 7, 3), -1), ((6, 3, 7), 1), ((4, 5, 6, 3), -1),
+              ((4, 3, 5, 6), 1), ((3, 4, 5, 6, 2), -1), ((3, 2, 4, 5, 6), 1), ((3, 4, 2, 5, 6), 2)]
+
+
+@pytest.mark.parametrize("shape, axis", MASK_CASES)
+def test_masked_positions_do_not_count_towards_statistics(rng, shape, axis):
+    channel = axis % len(shape)
+    layer = kerasbn.BatchNorm(axis=axis, momentum=0.0)
+    mask_shape = tuple(d for a, d in enumerate(shape) if a != channel)
+    mask = rng.random(mask_shape) > 0.3
+    mask_b = np.expand_dims(mask, channel)
+    x = np.where(mask_b, rng.normal(2.0, 3.0, shape), 1e6).astype("float32")
+    y = layer(x, training=True, mask=mask)
+    mean, var = np_moments(x, [channel], mask_b)
+    np.testing.assert_allclose(y, np_batch_norm(x, mean, var), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(layer.moving_mean, mean.ravel(), **TOL)
+    np.testing.assert_allclose(layer.moving_variance, var.ravel(), **TOL)
+
+
+def test_masked_statistics_match_keras_for_timestep_masks(rng):
+    ours, peer = _pair((4, 6, 3), momentum=0.5)
+    x = rng.normal(size=(4, 6, 3)).astype("float32")
+    mask = rng.random((4, 6)) > 0.5
+    np.testing.assert_allclose(ours(x, training=True, mask=mask),
+                               peer(x, training=True, mask=mask), rtol=1e-5, atol=1e-5)
+    for w, w_ref in zip(ours.get_weights(), peer.get_weights()):
+        np.testing.assert_allclose(w, w_ref, **TOL)
+
+
+def test_mask_propagated_by_a_masking_layer_is_used(rng):
+    inputs = keras.Input((5, 2))
+    outputs = kerasbn.BatchNorm(momentum=0.0)(keras.layers.Masking(0.0)(inputs))
+    model = keras.Model(inputs, outputs)
+    x = rng.normal(1.0, 2.0, (3, 5, 2)).astype("float32")
+    x[:, 3:] = 0.0
+    model(x, training=True)
+    mean, var = np_moments(x[:, :3], [2])
+    np.testing.assert_allclose(_bn(model).moving_mean, mean.ravel(), **TOL)
+    np.testing.assert_allclose(_bn(model).moving_variance, var.ravel(), **TOL)
+
+
+def test_fully_masked_batch_keeps_moving_statistics_and_is_finite(rng):
+    layer = kerasbn.BatchNorm(momentum=0.5)
+    x = rng.normal(size=(4, 5, 3)).astype("float32")
+    layer(x, training=True)
+    before = [w.copy() for w in layer.get_weights()]
+    y = layer(x, training=True, mask=np.zeros((4, 5), bool))
+    assert np.all(np.isfinite(y))
+    for w, w_before in zip(layer.get_weights(), before):
+        np.testing.assert_array_equal(w, w_before)
+
+
+# -------------------------------------------------------------- mixed precision
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_statistics_float32_output_in_compute_dtype(rng, policy):
+    layer = kerasbn.BatchNorm(dtype=policy, momentum=0.0)
+    x = rng.normal(3.0, 2.0, (32, 4)).astype("float32")
+    y = layer(x, training=True)
+    assert layer.compute_dtype == policy.split("_")[1]
+    assert y.dtype == layer.compute_dtype
+    assert all(w.dtype == "float32" for w in layer.weights)
+    x_low = tf.cast(tf.cast(x, layer.compute_dtype), "float32").numpy()
+    mean, var = np_moments(x_low, [1])
+    np.testing.assert_allclose(layer.moving_mean, mean.ravel(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance, var.ravel(), rtol=1e-5)
+    atol = 1e-2 if policy == "mixed_float16" else 5e-2
+    np.testing.assert_allclose(tf.cast(y, "float32"), np_batch_norm(x_low, mean, var), atol=atol)
+
+
+def test_float16_inputs_near_the_float16_limit_stay_finite(rng):
+    layer = kerasbn.BatchNorm(dtype="mixed_float16", momentum=0.0)
+    x = rng.uniform(6e4, 6.5e4, (64, 3)).astype("float16")
+    y = layer(x, training=True)
+    assert np.all(np.isfinite(y.numpy()))
+    mean, var = np_moments(x.astype("float32"), [1])
+    np.testing.assert_allclose(layer.moving_mean, mean.ravel(), rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance, var.ravel(), rtol=1e-4)
+    assert np.all(np.isfinite(layer(x).numpy()))
+
+
+# ------------------------------------------------------------- non-finite input
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_batch_leaves_moving_statistics_unchanged(rng, bad):
+    layer = kerasbn.BatchNorm(momentum=0.5)
+    layer(rng.normal(size=(8, 3)).astype("float32"), training=True)
+    before = [w.copy() for w in layer.get_weights()]
+    x = rng.normal(size=(8, 3)).astype("float32")
+    x[2, 1] = bad
+    layer(x, training=True)
+    for w, w_before in zip(layer.get_weights(), before):
+        np.testing.assert_array_equal(w, w_before)
+    x = rng.normal(size=(8, 3)).astype("float32")
+    layer(x, training=True)
+    np.testing.assert_allclose(layer.moving_mean, 0.5 * before[2] + 0.5 * x.mean(0), **TOL)
+
+
+def test_non_finite_batch_inside_fit_does_not_poison_statistics(rng):
+    model = _small_model("sequential")
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    x = rng.normal(size=(32, 4)).astype("float32")
+    x[8] = np.nan
+    model.fit(x, np.zeros((32, 3)), batch_size=8, shuffle=False, verbose=0)
+    bn = _bn(model)
+    assert np.all(np.isfinite(bn.moving_mean.numpy()))
+    assert np.all(np.isfinite(bn.moving_variance.numpy()))
+
+
+# -------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        (dict(momentum=1.5), ValueError, r"momentum.*\[0, 1\].*1\.5"),
+        (dict(momentum=-0.1), ValueError, r"momentum.*-0\.1"),
+        (dict(momentum="high"), TypeError, r"momentum.*'high'"),
+        (dict(renorm_momentum=2.0), ValueError, r"renorm_momentum.*2\.0"),
+        (dict(epsilon=0.0), ValueError, r"epsilon.*> 0.*0\.0"),
+        (dict(epsilon=-1e-3), ValueError, r"epsilon.*-0\.001"),
+        (dict(axis=[1, 1]), ValueError, r"axis.*\[1, 1\]"),
+        (dict(axis="channels"), TypeError, r"axis.*'channels'"),
+        (dict(renorm=True, renorm_clipping={"rmaxx": 3}), ValueError, r"renorm_clipping.*rmaxx"),
+        (dict(renorm=True, renorm_clipping={"rmax": 1, "rmin": 2}), ValueError,
+         r"rmax >= rmin.*rmax=1, rmin=2"),
+        (dict(renorm=True, renorm_clipping={"dmax": -1}), ValueError, r"dmax >= 0.*dmax=-1"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        kerasbn.BatchNorm(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "axis, shape, pattern",
+    [(4, (2, 3, 4, 5), r"axis.*4.*out of range.*rank 4"),
+     (-5, (2, 3, 4, 5), r"axis.*-5.*out of range"),
+     ([-1, 3], (2, 3, 4, 5), r"same axis twice.*\[-1, 3\]"),
+     (-1, (2, None), r"axis 1.*\(2, None\).*unknown")],
+)
+def test_bad_axis_or_unknown_channel_size_fails_at_build(axis, shape, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        kerasbn.BatchNorm(axis=axis).build(shape)
+
+
+def test_input_of_another_rank_than_built_is_rejected(rng):
+    layer = kerasbn.BatchNorm()
+    layer(rng.normal(size=(4, 3)).astype("float32"))
+    with pytest.raises(ValueError, match=r"expected ndim=2, found ndim=3"):
+        layer(rng.normal(size=(4, 5, 3)).astype("float32"))
+
+
+def test_mask_of_wrong_shape_is_rejected(rng):
+    layer = kerasbn.BatchNorm(axis=1)
+    x = rng.normal(size=(4, 3, 5)).astype("float32")
+    with pytest.raises(ValueError, match=r"mask.*\(4, 5\).*\(4, 3\)"):
+        layer(x, training=True, mask=np.ones((4, 3), bool))
+
+
+def test_one_value_per_channel_in_training_is_rejected_where_shape_is_known(rng):
+    layer = kerasbn.BatchNorm()
+    with pytest.raises(ValueError, match=r"more than one value per channel.*\(1, 3\)"):
+        layer(rng.normal(size=(1, 3)).astype("float32"), training=True)
+    assert np.all(np.isfinite(layer(rng.normal(size=(1, 3)).astype("float32"))))
+
+
+def test_one_value_per_channel_with_unknown_shape_gives_finite_output(rng):
+    layer = kerasbn.BatchNorm()
+    layer.build((None, 3))
+    call = tf.function(lambda x: layer(x, training=True),
+                       input_signature=[tf.TensorSpec((None, 3), tf.float32)])
+    y = call(rng.normal(size=(1, 3)).astype("float32"))
+    assert np.all(np.isfinite(y.numpy()))
+    np.testing.assert_allclose(y, 0.0)
