@@ -46,6 +46,26 @@ def _check_axis(axis):
     )
 
 
+def _check_virtual_batch_size(value, synchronized: bool):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"`virtual_batch_size` must be a positive int or None; got {value!r}."
+        )
+    if value <= 0:
+        raise ValueError(
+            f"`virtual_batch_size` must be a positive int; got virtual_batch_size={value}."
+        )
+    if synchronized:
+        raise ValueError(
+            "`virtual_batch_size` normalizes each ghost batch with its own local "
+            "statistics, so it cannot be combined with synchronized=True; got "
+            f"virtual_batch_size={value}, synchronized=True."
+        )
+    return int(value)
+
+
 def _check_renorm_clipping(clipping):
     if clipping is None:
         return None
@@ -68,6 +88,13 @@ def _check_renorm_clipping(clipping):
     if dmax is not None and dmax < 0:
         raise ValueError(f"`renorm_clipping` needs dmax >= 0; got dmax={dmax!r}.")
     return dict(clipping)
+
+
+def _average_groups(group_axis, *statistics):
+    """The statistics averaged over ``group_axis`` (kept), or as they are."""
+    if group_axis is None:
+        return statistics
+    return tuple(ops.mean(t, axis=group_axis, keepdims=True) for t in statistics)
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
@@ -100,6 +127,12 @@ class BatchNorm(keras.layers.Layer):
         renorm_momentum: momentum of the renorm statistics, in [0, 1].
         synchronized: whether training statistics are those of the global batch
             across all replicas and workers of a ``tf.distribute`` strategy.
+        virtual_batch_size: ghost batch normalization: in training the batch
+            of size B is split into B / v groups of ``v`` samples, each
+            normalized with its own statistics; the moving statistics move
+            towards the groups' average mean and variance (as tf.keras does).
+            As in tf.keras, group ``g`` holds samples ``g, g + B/v, g + 2B/v,
+            ...``. Inference ignores it. None (the default) disables it.
         **kwargs: base layer arguments (``name``, ``dtype``, ``trainable``...).
 
     Call arguments:
@@ -140,6 +173,7 @@ class BatchNorm(keras.layers.Layer):
         renorm_clipping=None,
         renorm_momentum=0.99,
         synchronized=False,
+        virtual_batch_size=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -165,6 +199,9 @@ class BatchNorm(keras.layers.Layer):
                 f"{keras.backend.backend()!r}."
             )
         self.synchronized = bool(synchronized)
+        self.virtual_batch_size = _check_virtual_batch_size(
+            virtual_batch_size, self.synchronized
+        )
         self.supports_masking = True
         self.gamma = self.beta = None
         self.moving_mean = self.moving_variance = None
@@ -190,6 +227,11 @@ class BatchNorm(keras.layers.Layer):
             raise ValueError(
                 f"The normalized axis {unknown[0]} of input shape {tuple(input_shape)}"
                 " has an unknown (None) size; BatchNorm needs it known at build time."
+            )
+        if self.virtual_batch_size and 0 in channel_axes:
+            raise ValueError(
+                "With `virtual_batch_size`, axis 0 is the batch axis and cannot be "
+                f"normalized; got axis={self.axis!r}."
             )
         self._channel_axes = channel_axes
         self._reduction_axes = [a for a in range(ndim) if a not in channel_axes]
@@ -279,22 +321,46 @@ class BatchNorm(keras.layers.Layer):
 
     def _normalize_with_batch_statistics(self, x, mask):
         """Returns ``(outputs, batch_mean, batch_variance)``."""
+        if self.virtual_batch_size:
+            return self._normalize_ghost_batches(x, mask)
+        return self._normalize_groups(x, mask, self._reduction_axes)
+
+    def _normalize_ghost_batches(self, x, mask):
+        """Splits the batch as tf.keras does: ``(B, ...) -> (v, B / v, ...)``."""
+        x = backends.check_divisible(x, self.virtual_batch_size)
+        shape = ops.shape(x)
+        grouped = ops.reshape(x, (self.virtual_batch_size, -1, *shape[1:]))
+        if mask is not None:
+            mask = ops.reshape(mask, (self.virtual_batch_size, -1, *mask.shape[1:]))
+        axes = [0] + [a + 1 for a in self._reduction_axes if a != 0]
+        outputs, mean, variance = self._normalize_groups(grouped, mask, axes, 1)
+        return ops.reshape(outputs, shape), mean, variance
+
+    def _normalize_groups(self, x, mask, axes, group_axis=None):
+        """Normalizes ``x`` with its own statistics over ``axes``.
+
+        Returns the outputs and the statistics that drive the moving averages:
+        those of the batch, or their average over ``group_axis`` (ghost batches).
+        """
         gamma, beta = self._broadcast(self.gamma), self._broadcast(self.beta)
         if not (self.renorm or self.synchronized):
-            impl = backends.implementation(x, self._reduction_axes, mask)
-            return impl.batch_normalize(
-                x, self._reduction_axes, gamma, beta, self.epsilon, mask
+            impl = backends.implementation(x, axes, mask)
+            outputs, mean, variance = impl.batch_normalize(
+                x, axes, gamma, beta, self.epsilon, mask
             )
-        local = bn_ops.sufficient_moments(x, self._reduction_axes, mask)
+            return outputs, *_average_groups(group_axis, mean, variance)
+        local = bn_ops.sufficient_moments(x, axes, mask)
         if self.synchronized:
             from kerasbn import sync
 
             local = sync.global_moments(local)
-        mean, variance = local.mean, local.variance
+        pooled = _average_groups(group_axis, local.mean, local.variance)
         if self.renorm:
-            gamma, beta = self._renorm_affine(mean, variance, gamma, beta)
-        outputs = bn_ops.normalize(x, mean, variance, gamma, beta, self.epsilon)
-        return outputs, mean, variance
+            gamma, beta = self._renorm_affine(*pooled, gamma, beta)
+        outputs = bn_ops.normalize(
+            x, local.mean, local.variance, gamma, beta, self.epsilon
+        )
+        return outputs, *pooled
 
     def _renorm_affine(self, mean, variance, gamma, beta):
         """Folds the renorm correction into gamma and beta: (x̂·r + d)·γ + β."""
@@ -385,6 +451,8 @@ class BatchNorm(keras.layers.Layer):
 
     def _check_batch_has_spread(self, inputs):
         sizes = [inputs.shape[a] for a in self._reduction_axes]
+        if self.virtual_batch_size:
+            sizes = [self.virtual_batch_size] + sizes[1:]
         if all(s is not None for s in sizes) and math.prod(sizes) == 1:
             raise ValueError(
                 "BatchNorm in training needs more than one value per channel to "
@@ -417,5 +485,6 @@ class BatchNorm(keras.layers.Layer):
             "renorm": self.renorm,
             "renorm_clipping": self.renorm_clipping,
             "renorm_momentum": self.renorm_momentum,
+            "virtual_batch_size": self.virtual_batch_size,
         }
         return {**super().get_config(), **config}

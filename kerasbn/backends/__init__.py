@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import keras
+
 from kerasbn import ops
 
 
@@ -25,3 +27,29 @@ def implementation(x, axes: Sequence[int], mask=None):
         :mod:`kerasbn.ops`.
     """
     return ops
+
+
+def check_divisible(x, group_size: int):
+    """Returns ``x`` once its batch size is known to be a multiple of ``group_size``.
+
+    A static batch size is checked at once (ValueError); a dynamic one on the
+    TensorFlow backend by an in-graph assertion that ``x`` depends on
+    (InvalidArgumentError).
+    """
+    message = (
+        f"`virtual_batch_size`={group_size} must divide the batch size in training"
+    )
+    batch = x.shape[0]
+    if batch is not None:
+        if batch % group_size:
+            raise ValueError(
+                f"{message}; got a batch of {batch} (shape {tuple(x.shape)})."
+            )
+        return x
+    if keras.backend.backend() != "tensorflow":
+        return x
+    import tensorflow as tf
+
+    check = tf.debugging.assert_equal(tf.shape(x)[0] % group_size, 0, message=message)
+    with tf.control_dependencies([check]):
+        return tf.identity(x)
