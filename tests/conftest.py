@@ -21,7 +21,9 @@ PARITY_LOG: dict[str, float] = {}
 def record(name: str, actual, expected) -> float:
     """Records the largest absolute difference of ``actual`` from ``expected``."""
     diff = float(
-        np.max(np.abs(np.asarray(actual, np.float64) - np.asarray(expected, np.float64)))
+        np.max(
+            np.abs(np.asarray(actual, np.float64) - np.asarray(expected, np.float64))
+        )
     )
     PARITY_LOG[name] = max(PARITY_LOG.get(name, 0.0), diff)
     return diff
@@ -55,6 +57,17 @@ def np_batch_norm(x, mean, var, gamma=None, beta=None, epsilon=1e-3):
     if beta is not None:
         y = y + beta
     return y
+
+
+def train_call(layer, x, upstream):
+    """One training call: output, and gradients of sum(y * upstream) w.r.t. x and
+    the layer's trainable weights."""
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(y * upstream)
+    return y, tape.gradient(loss, [x] + layer.trainable_weights)
 
 
 @pytest.fixture

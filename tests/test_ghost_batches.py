@@ -3,21 +3,12 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import np_batch_norm, np_moments, record
+from conftest import np_batch_norm, np_moments, record, train_call
 
 import kerasbn
 
 tf_keras = pytest.importorskip("tf_keras")
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _train_call(layer, x, upstream):
-    x = tf.constant(x)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x, training=True)
-        loss = tf.reduce_sum(y * upstream)
-    return y, tape.gradient(loss, [x] + layer.trainable_weights)
 
 
 @pytest.mark.parametrize(
@@ -27,7 +18,10 @@ def _train_call(layer, x, upstream):
         ((8, 4, 4, 3), dict(virtual_batch_size=2, momentum=0.5)),
         ((8, 3, 4, 4), dict(virtual_batch_size=4, axis=1, epsilon=0.1)),
         ((6, 2, 3, 4, 3), dict(virtual_batch_size=3, center=False)),
-        ((12, 5), dict(virtual_batch_size=6, renorm=True, renorm_clipping={"rmax": 1.5})),
+        (
+            (12, 5),
+            dict(virtual_batch_size=6, renorm=True, renorm_clipping={"rmax": 1.5}),
+        ),
     ],
 )
 def test_ghost_batches_match_tf_keras(rng, shape, kwargs):
@@ -38,15 +32,19 @@ def test_ghost_batches_match_tf_keras(rng, shape, kwargs):
     for step in range(3):
         x = rng.normal(step, 1.0 + step, shape).astype("float32")
         upstream = rng.normal(size=shape).astype("float32")
-        y, grads = _train_call(ours, x, upstream)
-        y_ref, grads_ref = _train_call(peer, x, upstream)
+        y, grads = train_call(ours, x, upstream)
+        y_ref, grads_ref = train_call(peer, x, upstream)
         np.testing.assert_allclose(y, y_ref, **TOL)
         record("ghost batches: training output vs tf_keras", y, y_ref)
         for g, g_ref in zip(grads, grads_ref):
             np.testing.assert_allclose(g, np.reshape(g_ref, np.shape(g)), **TOL)
         for w, w_ref in zip(ours.get_weights(), peer.get_weights()):
             np.testing.assert_allclose(w, np.reshape(w_ref, w.shape), **TOL)
-            record("ghost batches: moving statistics vs tf_keras", w, np.reshape(w_ref, w.shape))
+            record(
+                "ghost batches: moving statistics vs tf_keras",
+                w,
+                np.reshape(w_ref, w.shape),
+            )
     x = rng.normal(size=shape).astype("float32")
     np.testing.assert_allclose(ours(x, training=False), peer(x, training=False), **TOL)
 
@@ -60,7 +58,9 @@ def test_each_ghost_batch_is_normalized_with_its_own_statistics(rng):
     for g in range(groups):
         members = np.arange(g, v * groups, groups)  # tf.keras's strided layout
         mean, var = np_moments(x[members], [1])
-        np.testing.assert_allclose(y[members], np_batch_norm(x[members], mean, var), **TOL)
+        np.testing.assert_allclose(
+            y[members], np_batch_norm(x[members], mean, var), **TOL
+        )
         means.append(mean.ravel())
         variances.append(var.ravel())
     np.testing.assert_allclose(layer.moving_mean, np.mean(means, 0), **TOL)
@@ -68,10 +68,14 @@ def test_each_ghost_batch_is_normalized_with_its_own_statistics(rng):
 
 
 def test_inference_ignores_virtual_batch_size(rng):
-    layer = kerasbn.BatchNorm(virtual_batch_size=4, moving_mean_initializer="random_normal")
+    layer = kerasbn.BatchNorm(
+        virtual_batch_size=4, moving_mean_initializer="random_normal"
+    )
     x = rng.normal(size=(7, 3)).astype("float32")  # 7 is not divisible by 4
     layer.build(x.shape)
-    expected = np_batch_norm(x, layer.moving_mean.numpy(), layer.moving_variance.numpy())
+    expected = np_batch_norm(
+        x, layer.moving_mean.numpy(), layer.moving_variance.numpy()
+    )
     np.testing.assert_allclose(layer(x), expected, **TOL)
 
 
@@ -79,8 +83,10 @@ def test_batch_not_divisible_by_virtual_batch_size_is_rejected(rng):
     layer = kerasbn.BatchNorm(virtual_batch_size=4)
     with pytest.raises(ValueError, match=r"virtual_batch_size.*=4.*batch of 6"):
         layer(rng.normal(size=(6, 3)).astype("float32"), training=True)
-    dynamic = tf.function(lambda x: layer(x, training=True),
-                          input_signature=[tf.TensorSpec((None, 3), tf.float32)])
+    dynamic = tf.function(
+        lambda x: layer(x, training=True),
+        input_signature=[tf.TensorSpec((None, 3), tf.float32)],
+    )
     with pytest.raises(tf.errors.InvalidArgumentError, match="virtual_batch_size"):
         dynamic(rng.normal(size=(6, 3)).astype("float32"))
 

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import np_batch_norm, np_moments, record
+from conftest import np_batch_norm, np_moments, record, train_call
 
 import kerasbn
 
@@ -26,17 +26,6 @@ def _pair(input_shape, **kwargs):
     return ours, peer
 
 
-def _train_call(layer, x, upstream):
-    """One training call: output, gradients w.r.t. x and the trainable weights."""
-    x = tf.constant(x)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x, training=True)
-        loss = tf.reduce_sum(y * upstream)
-    grads = tape.gradient(loss, [x] + layer.trainable_weights)
-    return y, grads
-
-
 # ------------------------------------------------------------------- names, args
 def test_exported_names_and_registration():
     assert kerasbn.BatchNormalization is kerasbn.BatchNorm
@@ -45,7 +34,9 @@ def test_exported_names_and_registration():
 
 
 def test_constructor_has_keras_arguments_and_defaults():
-    keras_params = inspect.signature(keras.layers.BatchNormalization.__init__).parameters
+    keras_params = inspect.signature(
+        keras.layers.BatchNormalization.__init__
+    ).parameters
     our_params = inspect.signature(kerasbn.BatchNorm.__init__).parameters
     for name, param in keras_params.items():
         assert name in our_params, name
@@ -63,7 +54,9 @@ def test_default_config_equals_keras_config():
 def test_weights_match_keras_names_shapes_order_and_trainability(renorm):
     ours, peer = _pair((None, 5, 7), renorm=renorm)
     assert [w.name for w in ours.weights] == [w.name for w in peer.weights]
-    assert [tuple(w.shape) for w in ours.weights] == [tuple(w.shape) for w in peer.weights]
+    assert [tuple(w.shape) for w in ours.weights] == [
+        tuple(w.shape) for w in peer.weights
+    ]
     assert [w.trainable for w in ours.weights] == [w.trainable for w in peer.weights]
     assert all(w.dtype == "float32" for w in ours.weights)
 
@@ -71,17 +64,29 @@ def test_weights_match_keras_names_shapes_order_and_trainability(renorm):
 def test_lecture_cnn_summary_counts():
     model = keras.Sequential([keras.Input((28, 28, 1))])
     for layer in [
-        keras.layers.Conv2D(10, (5, 5)), kerasbn.BatchNorm(), keras.layers.Activation("relu"),
-        keras.layers.MaxPooling2D((2, 2)), keras.layers.Conv2D(20, (5, 5)), kerasbn.BatchNorm(),
-        keras.layers.Activation("relu"), keras.layers.MaxPooling2D((2, 2)),
-        keras.layers.Flatten(), keras.layers.Dense(100), kerasbn.BatchNorm(),
-        keras.layers.Activation("relu"), keras.layers.Dense(10, activation="softmax"),
+        keras.layers.Conv2D(10, (5, 5)),
+        kerasbn.BatchNorm(),
+        keras.layers.Activation("relu"),
+        keras.layers.MaxPooling2D((2, 2)),
+        keras.layers.Conv2D(20, (5, 5)),
+        kerasbn.BatchNorm(),
+        keras.layers.Activation("relu"),
+        keras.layers.MaxPooling2D((2, 2)),
+        keras.layers.Flatten(),
+        keras.layers.Dense(100),
+        kerasbn.BatchNorm(),
+        keras.layers.Activation("relu"),
+        keras.layers.Dense(10, activation="softmax"),
     ]:
         model.add(layer)
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     frozen = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
     assert (model.count_params(), trainable, frozen) == (38_910, 38_650, 260)
-    bn_params = [layer.count_params() for layer in model.layers if isinstance(layer, kerasbn.BatchNorm)]
+    bn_params = [
+        layer.count_params()
+        for layer in model.layers
+        if isinstance(layer, kerasbn.BatchNorm)
+    ]
     assert bn_params == [4 * 10, 4 * 20, 4 * 100]
 
 
@@ -98,20 +103,34 @@ PARITY_CASES = [
     dict(shape=(8, 5, 5, 3), scale=False),
     dict(shape=(8, 5, 5, 3), center=False, scale=False),
     dict(
-        shape=(16, 6), gamma_initializer="random_normal", beta_initializer="random_uniform",
-        moving_mean_initializer="random_normal", moving_variance_initializer="ones",
+        shape=(16, 6),
+        gamma_initializer="random_normal",
+        beta_initializer="random_uniform",
+        moving_mean_initializer="random_normal",
+        moving_variance_initializer="ones",
     ),
-    dict(shape=(16, 6), gamma_regularizer="l2", beta_regularizer="l1",
-         gamma_constraint="non_neg", beta_constraint="max_norm"),
+    dict(
+        shape=(16, 6),
+        gamma_regularizer="l2",
+        beta_regularizer="l1",
+        gamma_constraint="non_neg",
+        beta_constraint="max_norm",
+    ),
     dict(shape=(8, 5, 5, 3), renorm=True),
     dict(shape=(8, 5, 5, 3), renorm=True, renorm_momentum=0.5, momentum=0.8),
-    dict(shape=(16, 6), renorm=True, renorm_clipping={"rmax": 1.1, "rmin": 0.9, "dmax": 0.1}),
+    dict(
+        shape=(16, 6),
+        renorm=True,
+        renorm_clipping={"rmax": 1.1, "rmin": 0.9, "dmax": 0.1},
+    ),
     dict(shape=(16, 6), renorm=True, center=False, scale=False),
     dict(shape=(16, 6), synchronized=True),
 ]
 
 
-@pytest.mark.parametrize("case", PARITY_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize(
+    "case", PARITY_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items())
+)
 def test_matches_keras_outputs_gradients_and_moving_statistics(rng, case):
     case = dict(case)
     shape = case.pop("shape")
@@ -119,8 +138,8 @@ def test_matches_keras_outputs_gradients_and_moving_statistics(rng, case):
     for step in range(4):
         x = rng.normal(step - 1.0, 1.0 + step, shape).astype("float32")
         upstream = rng.normal(size=shape).astype("float32")
-        y, grads = _train_call(ours, x, upstream)
-        y_ref, grads_ref = _train_call(peer, x, upstream)
+        y, grads = train_call(ours, x, upstream)
+        y_ref, grads_ref = train_call(peer, x, upstream)
         np.testing.assert_allclose(y, y_ref, **TOL)
         record("training output", y, y_ref)
         for g, g_ref in zip(grads, grads_ref):
@@ -172,8 +191,12 @@ def test_training_output_and_moving_statistics_match_numpy(rng):
 @pytest.mark.parametrize("axis", [-1, 1, [1, 2]])
 def test_gradients_match_central_finite_differences(rng, axis):
     shape = (5, 3, 2)
-    layer = kerasbn.BatchNorm(axis=axis, dtype="float64", gamma_initializer="random_normal",
-                              beta_initializer="random_normal")
+    layer = kerasbn.BatchNorm(
+        axis=axis,
+        dtype="float64",
+        gamma_initializer="random_normal",
+        beta_initializer="random_normal",
+    )
     layer.build(shape)
     x = rng.normal(size=shape)
     upstream = rng.normal(size=shape)
@@ -184,7 +207,7 @@ def test_gradients_match_central_finite_differences(rng, axis):
             w.assign(v)
         return float(tf.reduce_sum(layer(values[0], training=True) * upstream))
 
-    _, analytic = _train_call(layer, x, upstream)
+    _, analytic = train_call(layer, x, upstream)
     h = 1e-6
     for i, p in enumerate(params):
         numeric = np.zeros_like(p)
@@ -224,11 +247,19 @@ def _small_model(kind, **bn_kwargs):
 
 
 def _bn(model):
-    return next(layer for layer in model._flatten_layers() if isinstance(layer, kerasbn.BatchNorm))
+    return next(
+        layer
+        for layer in model._flatten_layers()
+        if isinstance(layer, kerasbn.BatchNorm)
+    )
 
 
 def _dense(model):
-    return next(layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dense))
+    return next(
+        layer
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.Dense)
+    )
 
 
 @pytest.mark.parametrize("kind", ["sequential", "functional", "subclassed"])
@@ -242,7 +273,10 @@ def test_fit_updates_moving_statistics_and_predict_uses_them(rng, kind):
     moving_mean, moving_var = np.zeros(3), np.ones(3)
     for batch in np.split(h, 4):
         mean, var = batch.mean(0), batch.var(0)
-        moving_mean, moving_var = 0.5 * moving_mean + 0.5 * mean, 0.5 * moving_var + 0.5 * var
+        moving_mean, moving_var = (
+            0.5 * moving_mean + 0.5 * mean,
+            0.5 * moving_var + 0.5 * var,
+        )
     np.testing.assert_allclose(bn.moving_mean, moving_mean, **TOL)
     np.testing.assert_allclose(bn.moving_variance, moving_var, **TOL)
     before = [w.copy() for w in bn.get_weights()]
@@ -250,7 +284,9 @@ def test_fit_updates_moving_statistics_and_predict_uses_them(rng, kind):
     model.evaluate(x, np.zeros((64, 3)), verbose=0)
     for w, w_before in zip(bn.get_weights(), before):
         np.testing.assert_array_equal(w, w_before)
-    np.testing.assert_allclose(predicted, np_batch_norm(h, moving_mean, moving_var), **TOL)
+    np.testing.assert_allclose(
+        predicted, np_batch_norm(h, moving_mean, moving_var), **TOL
+    )
 
 
 def test_trainable_false_forces_inference_mode_and_freezes_statistics(rng):
@@ -308,8 +344,13 @@ def test_jax_stateless_call_returns_updated_statistics():
     )
     pytest.importorskip("jax")
     env = dict(os.environ, KERAS_BACKEND="jax")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -320,13 +361,22 @@ def test_predict_of_one_sample_equals_batch_predict(rng):
     model.fit(x, np.zeros((40, 3)), batch_size=8, verbose=0)
     batch = model.predict(x, verbose=0)
     for i in (0, 17, 39):
-        np.testing.assert_allclose(model.predict(x[i : i + 1], verbose=0)[0], batch[i],
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            model.predict(x[i : i + 1], verbose=0)[0], batch[i], rtol=1e-6, atol=1e-6
+        )
 
 
 # ----------------------------------------------------------------------- masking
-MASK_CASES = [((12, 3), -1), ((6, 7, 3), -1), ((6, 3, 7), 1), ((4, 5, 6, 3), -1),
-              ((4, 3, 5, 6), 1), ((3, 4, 5, 6, 2), -1), ((3, 2, 4, 5, 6), 1), ((3, 4, 2, 5, 6), 2)]
+MASK_CASES = [
+    ((12, 3), -1),
+    ((6, 7, 3), -1),
+    ((6, 3, 7), 1),
+    ((4, 5, 6, 3), -1),
+    ((4, 3, 5, 6), 1),
+    ((3, 4, 5, 6, 2), -1),
+    ((3, 2, 4, 5, 6), 1),
+    ((3, 4, 2, 5, 6), 2),
+]
 
 
 @pytest.mark.parametrize("shape, axis", MASK_CASES)
@@ -348,8 +398,12 @@ def test_masked_statistics_match_keras_for_timestep_masks(rng):
     ours, peer = _pair((4, 6, 3), momentum=0.5)
     x = rng.normal(size=(4, 6, 3)).astype("float32")
     mask = rng.random((4, 6)) > 0.5
-    np.testing.assert_allclose(ours(x, training=True, mask=mask),
-                               peer(x, training=True, mask=mask), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ours(x, training=True, mask=mask),
+        peer(x, training=True, mask=mask),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     for w, w_ref in zip(ours.get_weights(), peer.get_weights()):
         np.testing.assert_allclose(w, w_ref, **TOL)
 
@@ -391,7 +445,9 @@ def test_mixed_precision_statistics_float32_output_in_compute_dtype(rng, policy)
     np.testing.assert_allclose(layer.moving_mean, mean.ravel(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(layer.moving_variance, var.ravel(), rtol=1e-5)
     atol = 1e-2 if policy == "mixed_float16" else 5e-2
-    np.testing.assert_allclose(tf.cast(y, "float32"), np_batch_norm(x_low, mean, var), atol=atol)
+    np.testing.assert_allclose(
+        tf.cast(y, "float32"), np_batch_norm(x_low, mean, var), atol=atol
+    )
 
 
 def test_float16_inputs_near_the_float16_limit_stay_finite(rng):
@@ -418,7 +474,9 @@ def test_non_finite_batch_leaves_moving_statistics_unchanged(rng, bad):
         np.testing.assert_array_equal(w, w_before)
     x = rng.normal(size=(8, 3)).astype("float32")
     layer(x, training=True)
-    np.testing.assert_allclose(layer.moving_mean, 0.5 * before[2] + 0.5 * x.mean(0), **TOL)
+    np.testing.assert_allclose(
+        layer.moving_mean, 0.5 * before[2] + 0.5 * x.mean(0), **TOL
+    )
 
 
 def test_non_finite_batch_inside_fit_does_not_poison_statistics(rng):
@@ -444,10 +502,21 @@ def test_non_finite_batch_inside_fit_does_not_poison_statistics(rng):
         (dict(epsilon=-1e-3), ValueError, r"epsilon.*-0\.001"),
         (dict(axis=[1, 1]), ValueError, r"axis.*\[1, 1\]"),
         (dict(axis="channels"), TypeError, r"axis.*'channels'"),
-        (dict(renorm=True, renorm_clipping={"rmaxx": 3}), ValueError, r"renorm_clipping.*rmaxx"),
-        (dict(renorm=True, renorm_clipping={"rmax": 1, "rmin": 2}), ValueError,
-         r"rmax >= rmin.*rmax=1, rmin=2"),
-        (dict(renorm=True, renorm_clipping={"dmax": -1}), ValueError, r"dmax >= 0.*dmax=-1"),
+        (
+            dict(renorm=True, renorm_clipping={"rmaxx": 3}),
+            ValueError,
+            r"renorm_clipping.*rmaxx",
+        ),
+        (
+            dict(renorm=True, renorm_clipping={"rmax": 1, "rmin": 2}),
+            ValueError,
+            r"rmax >= rmin.*rmax=1, rmin=2",
+        ),
+        (
+            dict(renorm=True, renorm_clipping={"dmax": -1}),
+            ValueError,
+            r"dmax >= 0.*dmax=-1",
+        ),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, error, pattern):
@@ -457,10 +526,12 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, pattern):
 
 @pytest.mark.parametrize(
     "axis, shape, pattern",
-    [(4, (2, 3, 4, 5), r"axis.*4.*out of range.*rank 4"),
-     (-5, (2, 3, 4, 5), r"axis.*-5.*out of range"),
-     ([-1, 3], (2, 3, 4, 5), r"same axis twice.*\[-1, 3\]"),
-     (-1, (2, None), r"axis 1.*\(2, None\).*unknown")],
+    [
+        (4, (2, 3, 4, 5), r"axis.*4.*out of range.*rank 4"),
+        (-5, (2, 3, 4, 5), r"axis.*-5.*out of range"),
+        ([-1, 3], (2, 3, 4, 5), r"same axis twice.*\[-1, 3\]"),
+        (-1, (2, None), r"axis 1.*\(2, None\).*unknown"),
+    ],
 )
 def test_bad_axis_or_unknown_channel_size_fails_at_build(axis, shape, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -491,8 +562,10 @@ def test_one_value_per_channel_in_training_is_rejected_where_shape_is_known(rng)
 def test_one_value_per_channel_with_unknown_shape_gives_finite_output(rng):
     layer = kerasbn.BatchNorm()
     layer.build((None, 3))
-    call = tf.function(lambda x: layer(x, training=True),
-                       input_signature=[tf.TensorSpec((None, 3), tf.float32)])
+    call = tf.function(
+        lambda x: layer(x, training=True),
+        input_signature=[tf.TensorSpec((None, 3), tf.float32)],
+    )
     y = call(rng.normal(size=(1, 3)).astype("float32"))
     assert np.all(np.isfinite(y.numpy()))
     np.testing.assert_allclose(y, 0.0)

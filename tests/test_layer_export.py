@@ -26,9 +26,19 @@ def trained_model():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, dict(axis=[1, 2], momentum=0.5, epsilon=0.01, center=False),
-     dict(renorm=True, renorm_clipping={"rmax": 3.0}, renorm_momentum=0.9,
-          gamma_regularizer="l2", beta_constraint="non_neg", name="bn7", trainable=False)],
+    [
+        {},
+        dict(axis=[1, 2], momentum=0.5, epsilon=0.01, center=False),
+        dict(
+            renorm=True,
+            renorm_clipping={"rmax": 3.0},
+            renorm_momentum=0.9,
+            gamma_regularizer="l2",
+            beta_constraint="non_neg",
+            name="bn7",
+            trainable=False,
+        ),
+    ],
 )
 def test_get_config_from_config_round_trips_exactly(kwargs):
     layer = kerasbn.BatchNorm(**kwargs)
@@ -44,7 +54,9 @@ def test_keras_file_round_trip_needs_no_custom_objects(tmp_path, trained_model):
     assert isinstance(loaded.layers[1], kerasbn.BatchNorm)
     for w, w_loaded in zip(model.get_weights(), loaded.get_weights()):
         np.testing.assert_array_equal(w, w_loaded)
-    np.testing.assert_array_equal(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
+    np.testing.assert_array_equal(
+        model.predict(x, verbose=0), loaded.predict(x, verbose=0)
+    )
 
 
 def test_model_export_serve_equals_predict(tmp_path, trained_model):
@@ -65,8 +77,12 @@ def test_tf_saved_model_save_uses_moving_statistics(tmp_path, trained_model):
     loaded = tf.saved_model.load(path)
     served = loaded.signatures["serving_default"](tf.constant(x))
     served = next(iter(served.values())).numpy()
-    np.testing.assert_allclose(served, model.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
-    record("tf.saved_model.save signature vs predict", served, model.predict(x, verbose=0))
+    np.testing.assert_allclose(
+        served, model.predict(x, verbose=0), rtol=1e-6, atol=1e-6
+    )
+    record(
+        "tf.saved_model.save signature vs predict", served, model.predict(x, verbose=0)
+    )
 
 
 def test_saved_model_converts_to_tflite_and_matches(tmp_path, trained_model):
@@ -75,7 +91,9 @@ def test_saved_model_converts_to_tflite_and_matches(tmp_path, trained_model):
     model.export(path, verbose=False)
     tflite = tf.lite.TFLiteConverter.from_saved_model(path).convert()
     interpreter = tf.lite.Interpreter(model_content=tflite)
-    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], x.shape)
+    interpreter.resize_tensor_input(
+        interpreter.get_input_details()[0]["index"], x.shape
+    )
     interpreter.allocate_tensors()
     interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
     interpreter.invoke()

@@ -13,7 +13,12 @@ def _np(t):
 
 @pytest.mark.parametrize(
     "shape, channel_axes",
-    [((16, 3), [1]), ((4, 5, 6, 3), [3]), ((4, 3, 5, 6), [1]), ((2, 3, 4, 5, 6), [1, 4])],
+    [
+        ((16, 3), [1]),
+        ((4, 5, 6, 3), [3]),
+        ((4, 3, 5, 6), [1]),
+        ((2, 3, 4, 5, 6), [1, 4]),
+    ],
 )
 def test_moments_match_numpy(rng, shape, channel_axes):
     x = rng.normal(2.0, 3.0, shape).astype("float32")
@@ -51,17 +56,22 @@ def test_moments_stay_accurate_for_large_mean_and_small_spread(rng):
 
 
 def test_variance_is_never_negative(rng):
-    x = np.full((33, 2), 0.1, "float32") + rng.normal(0, 1e-9, (33, 2)).astype("float32")
+    x = np.full((33, 2), 0.1, "float32") + rng.normal(0, 1e-9, (33, 2)).astype(
+        "float32"
+    )
     _, var = bn_ops.moments(x, [0])
     assert np.all(_np(var) >= 0.0)
 
 
 def test_combine_moments_equals_moments_of_concatenation(rng):
     parts = [
-        (1e4 + 1e-2 * rng.standard_normal((n, 3))).astype("float32") for n in (5, 0, 17, 1)
+        (1e4 + 1e-2 * rng.standard_normal((n, 3))).astype("float32")
+        for n in (5, 0, 17, 1)
     ]
     moments = [bn_ops.sufficient_moments(p, [0]) for p in parts]
-    stacked = bn_ops.Moments(*[np.stack([_np(f) for f in fields]) for fields in zip(*moments)])
+    stacked = bn_ops.Moments(
+        *[np.stack([_np(f) for f in fields]) for fields in zip(*moments)]
+    )
     merged = bn_ops.combine_moments(stacked)
     ref_mean, ref_var = np_moments(np.concatenate(parts), [1])
     assert float(_np(merged.count)[0, 0]) == 23.0
@@ -84,8 +94,14 @@ def test_normalize_matches_formula(rng):
     x = rng.normal(size=(8, 3)).astype("float32")
     mean, var = rng.normal(size=3), rng.random(3) + 0.5
     gamma, beta = rng.normal(size=3), rng.normal(size=3)
-    y = bn_ops.normalize(x, mean.astype("float32"), var.astype("float32"),
-                         gamma.astype("float32"), beta.astype("float32"), 1e-3)
+    y = bn_ops.normalize(
+        x,
+        mean.astype("float32"),
+        var.astype("float32"),
+        gamma.astype("float32"),
+        beta.astype("float32"),
+        1e-3,
+    )
     np.testing.assert_allclose(
         _np(y), np_batch_norm(x, mean, var, gamma, beta, 1e-3), rtol=1e-5, atol=1e-5
     )
@@ -118,5 +134,7 @@ def test_renorm_correction_matches_closed_form():
     r, d = bn_ops.renorm_correction(mean, var, 1.0, 2.0, eps, {})
     assert float(r) == pytest.approx(3.0 / 2.0)
     assert float(d) == pytest.approx(0.5)
-    r, d = bn_ops.renorm_correction(mean, var, 1.0, 2.0, eps, {"rmax": 1.2, "dmax": 0.25})
+    r, d = bn_ops.renorm_correction(
+        mean, var, 1.0, 2.0, eps, {"rmax": 1.2, "dmax": 0.25}
+    )
     assert (float(r), float(d)) == pytest.approx((1.2, 0.25))

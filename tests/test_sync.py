@@ -43,7 +43,10 @@ def _sync_train_step(strategy, layer, parts, upstream_parts):
 
 @pytest.mark.parametrize("sizes", [(8, 8), (9, 4), (5, 1)])
 def test_synchronized_statistics_are_those_of_the_global_batch(rng, strategy, sizes):
-    parts = [rng.normal(i * 3.0, 1.0 + i, (n, 4, 3)).astype("float32") for i, n in enumerate(sizes)]
+    parts = [
+        rng.normal(i * 3.0, 1.0 + i, (n, 4, 3)).astype("float32")
+        for i, n in enumerate(sizes)
+    ]
     with strategy.scope():
         layer = kerasbn.BatchNorm(synchronized=True, momentum=0.0)
         layer.build((None, 4, 3))
@@ -51,7 +54,9 @@ def test_synchronized_statistics_are_those_of_the_global_batch(rng, strategy, si
     ups = [rng.normal(size=p.shape).astype("float32") for p in parts]
     y, grad_x = _sync_train_step(strategy, layer, parts, ups)
     mean, var = np_moments(full, [2])
-    np.testing.assert_allclose(layer.moving_mean.numpy(), mean.ravel(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), mean.ravel(), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(layer.moving_variance.numpy(), var.ravel(), rtol=1e-5)
     np.testing.assert_allclose(y, np_batch_norm(full, mean, var), rtol=1e-5, atol=1e-5)
     # The input gradient equals the single-device full-batch gradient of Keras's BN.
@@ -72,7 +77,9 @@ def _relative_variance_error(strategy, layer_class, x):
     halves = np.split(x, 2)
     _sync_train_step(strategy, layer, halves, [np.ones_like(h) for h in halves])
     _, var = np_moments(x, [1])
-    return float(np.max(np.abs(layer.moving_variance.numpy() - var.ravel()) / var.ravel()))
+    return float(
+        np.max(np.abs(layer.moving_variance.numpy() - var.ravel()) / var.ravel())
+    )
 
 
 def test_synchronized_variance_is_accurate_for_large_mean_small_spread(rng, strategy):
@@ -93,9 +100,13 @@ def test_synchronized_outside_a_strategy_is_the_local_computation(rng):
     np.testing.assert_allclose(layer.moving_variance, var.ravel(), rtol=1e-5)
 
 
-def test_synchronized_fit_under_mirrored_strategy_matches_full_batch_numpy(rng, strategy):
+def test_synchronized_fit_under_mirrored_strategy_matches_full_batch_numpy(
+    rng, strategy
+):
     with strategy.scope():
-        model = keras.Sequential([keras.Input((3,)), kerasbn.BatchNorm(synchronized=True, momentum=0.0)])
+        model = keras.Sequential(
+            [keras.Input((3,)), kerasbn.BatchNorm(synchronized=True, momentum=0.0)]
+        )
         model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
     x = rng.normal(5.0, 2.0, (12, 3)).astype("float32")
     model.fit(x, np.zeros_like(x), batch_size=12, epochs=1, shuffle=False, verbose=0)
