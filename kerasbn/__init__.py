@@ -1,8 +1,13 @@
 """kerasbn: batch normalization for Keras 3, a drop-in for keras.layers.BatchNormalization."""
 
+from kerasbn.fold import fold_batch_norms
 from kerasbn.layer import BatchNorm
 
 BatchNormalization = BatchNorm
 
-__all__ = ["BatchNorm", "BatchNormalization"]
+__all__ = [
+    "BatchNorm",
+    "BatchNormalization",
+    "fold_batch_norms",
+]
 __version__ = "0.1.0"
