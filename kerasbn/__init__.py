@@ -1,5 +1,6 @@
 """kerasbn: batch normalization for Keras 3, a drop-in for keras.layers.BatchNormalization."""
 
+from kerasbn.convert import from_keras, to_keras
 from kerasbn.fold import fold_batch_norms
 from kerasbn.layer import BatchNorm
 
@@ -9,5 +10,7 @@ __all__ = [
     "BatchNorm",
     "BatchNormalization",
     "fold_batch_norms",
+    "from_keras",
+    "to_keras",
 ]
 __version__ = "0.1.0"
