@@ -17,7 +17,7 @@ from kerasbn import _graph
 from kerasbn import ops as bn_ops
 from kerasbn.layer import BatchNorm
 
-BATCH_NORMS = (BatchNorm, keras.layers.BatchNormalization)
+_BATCH_NORMS = (BatchNorm, keras.layers.BatchNormalization)
 # Layers whose kernel ends with the output channels; depthwise kernels end with
 # (input channels, depth multiplier), whose product is the output channels.
 _DENSE_OR_CONV = (
@@ -196,7 +196,7 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
         (producer, bn)
         for m in _graph.graph_models(model)
         for producer, bn in _graph.sole_consumer_pairs(m)
-        if isinstance(bn, BATCH_NORMS)
+        if isinstance(bn, _BATCH_NORMS)
         and uses[id(producer)] == uses[id(bn)] == 1
         and _can_fold(producer, bn)
     ]
@@ -208,7 +208,7 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
             return _folded(layer, bn_of[id(layer)])
         if id(layer) in absorbed:
             return None
-        if isinstance(layer, BATCH_NORMS):
+        if isinstance(layer, _BATCH_NORMS):
             return _channel_affine(layer)
         return layer
 
