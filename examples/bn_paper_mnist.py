@@ -1,7 +1,7 @@
 """Reproduces Figure 1 of Ioffe & Szegedy (2015) on MNIST.
 
 A 784-100-100-100-10 network with sigmoid hidden units is trained with SGD on
-mini-batches of 60, once as is and once with ``kerasbn.BatchNorm`` between
+mini-batches of 60 (reshuffled every epoch), once as is and once with ``kerasbn.BatchNorm`` between
 each hidden layer's affine map and its sigmoid (the affine map then has no
 bias: BN's beta replaces it). It trains on the 60,000 MNIST training images
 (the lecture's 50k train + 10k validation) and is evaluated on the 10,000
@@ -36,6 +36,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from batches import ShuffledBatches
 from mnist_data import Mnist, MnistNotFoundError, load_mnist
 
 import kerasbn
@@ -158,9 +159,7 @@ def train(batch_norm: bool, args: argparse.Namespace, data: Mnist) -> dict:
     print(f"\n=== {model.name}: {model.count_params():,} parameters ===")
     start = time.perf_counter()
     model.fit(
-        x_train,
-        y_train,
-        batch_size=args.batch_size,
+        ShuffledBatches(x_train, y_train, args.batch_size, seed=args.seed),
         epochs=math.ceil(args.steps / steps_per_epoch),
         callbacks=[recorder],
         verbose=0,

@@ -1,7 +1,8 @@
 """Trains the lecture's MNIST CNN with and without BN and compares convergence.
 
 Both runs use the same data (50,000 training and 10,000 validation images),
-seed, optimizer and batch size; only the three ``kerasbn.BatchNorm`` layers
+seed, optimizer and batch size, and see the batches in the same order (a
+new permutation every epoch); only the three ``kerasbn.BatchNorm`` layers
 differ. The script prints the per-epoch log of each run, then a summary:
 the epoch at which val_acc first reaches ``--target``, the best val_acc and
 the seconds per epoch of each model, and the ratio of epochs-to-target
@@ -29,6 +30,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from batches import ShuffledBatches
 from lecture_cnn import ACTIVATIONS, build_lecture_cnn
 from matplotlib.ticker import MaxNLocator
 from mnist_data import Mnist, MnistNotFoundError, load_mnist
@@ -122,10 +124,11 @@ def train(batch_norm: bool, args: argparse.Namespace, data: Mnist) -> dict:
     )
     timer = EpochTimer()
     print(f"\n=== {model.name}: {model.count_params():,} parameters ===")
+    batches = ShuffledBatches(
+        data.x_train[..., None], data.y_train, args.batch_size, seed=args.seed
+    )
     history = model.fit(
-        data.x_train[..., None],
-        data.y_train,
-        batch_size=args.batch_size,
+        batches,
         epochs=args.epochs,
         validation_data=(data.x_val[..., None], data.y_val),
         callbacks=[timer],
