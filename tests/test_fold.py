@@ -1,7 +1,9 @@
 """fold_batch_norms against the original model's predict, NumPy and the TF/TFLite graphs."""
 
 import contextlib
+import importlib.util
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -296,3 +298,17 @@ def test_export_and_tflite_of_folded_model_have_no_batch_norm_ops(tmp_path, rng)
         out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()
     )
     record("fold: TFLite of folded vs original predict", out, expected)
+
+
+def test_bench_fold_script_runs_and_its_variants_agree(capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fold.py"
+    spec = importlib.util.spec_from_file_location("bench_fold", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--rounds", "1", "--calls", "1", "--batch", "4", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in report["results"]] == ["lecture_cnn", "resnet_stack"]
+    for result in report["results"]:
+        assert result["max_relative_difference"] <= 1e-5
+        assert result["params"]["folded"] < result["params"]["keras_bn"]
+        assert set(result["speedup_latency"]) == {"kerasbn_bn", "keras_bn"}
