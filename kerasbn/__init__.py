@@ -3,6 +3,7 @@
 from kerasbn.convert import from_keras, to_keras
 from kerasbn.fold import fold_batch_norms
 from kerasbn.layer import BatchNorm
+from kerasbn.recalibrate import recalibrate
 
 BatchNormalization = BatchNorm
 
@@ -11,6 +12,7 @@ __all__ = [
     "BatchNormalization",
     "fold_batch_norms",
     "from_keras",
+    "recalibrate",
     "to_keras",
 ]
 __version__ = "0.1.0"

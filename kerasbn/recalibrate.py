@@ -1,0 +1,259 @@
+"""Precise BN: moving statistics replaced by exact population statistics.
+
+After training, a BN layer's moving mean and variance are exponential
+averages over recent batches, taken while the weights upstream were still
+changing. :func:`recalibrate` makes one pass over data instead and sets every
+BN layer's moving mean and (biased) variance to the exact mean and variance of
+all the inputs it saw in that pass ("Precise BN", Wu & Johnson, 2021).
+
+How the pass runs:
+
+* every BN layer normalizes with the statistics of its batch, as in training,
+  so each BN sees its inputs as they were during training;
+* every other layer runs as at inference: Dropout and noise layers are
+  identities. A BN's population statistics are then those of the inputs it
+  will see at inference, except that the BN layers upstream use batch
+  statistics. (With Dropout active, a BN after it would get the inflated
+  variance of dropped-out inputs, which inference never sees.)
+* each BN's per-batch shifted moments ``(count, shift, offset, m2)`` are
+  merged exactly, in float64, with :func:`kerasbn.ops.merge_moments` (Chan et
+  al.): neither an average of per-batch EMAs nor ``E[x**2] - E[x]**2``.
+
+Only the public layer API and ``keras.models.clone_model`` are used: a probe
+model reuses the model's own layers and wraps each BN layer in a recorder.
+BN layers inside custom (non-model) layers are not reached.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import keras
+import numpy as np
+from keras import ops
+
+from kerasbn import ops as bn_ops
+from kerasbn.layer import BatchNorm
+
+BN_LAYERS = (BatchNorm, keras.layers.BatchNormalization)
+_ACCUMULATOR_DTYPE = "float64"
+
+
+def recalibrate(
+    model: keras.Model, data, steps: int | None = None, *, batch_size: int = 32
+) -> keras.Model:
+    """Sets every BN layer's moving statistics to its inputs' population ones.
+
+    One pass over ``data``: every BN layer normalizes with batch statistics
+    (as in training), every other layer runs as at inference (Dropout off).
+    Afterwards each BN layer's ``moving_mean`` and ``moving_variance`` are
+    the exact mean and biased variance of all the inputs it saw. No other
+    weight changes (a renorm ``kerasbn.BatchNorm`` also gets the matching
+    ``moving_stddev = sqrt(variance + epsilon)``), and the ``trainable``
+    flags are restored, so frozen BN layers are recalibrated too.
+
+    Args:
+        model: a Sequential or functional Keras model (nested ones too) with
+            ``kerasbn.BatchNorm`` and/or ``keras.layers.BatchNormalization``
+            layers. It is updated in place.
+        data: a batched ``tf.data.Dataset``, a NumPy array of inputs, or an
+            iterable (e.g. a generator) of batches. Elements may be ``x`` or
+            ``(x, y[, sample_weight])``; only ``x`` is used.
+        steps: the number of batches to use; None for all of them.
+        batch_size: the batch size for a NumPy array. The batch statistics of
+            the upstream BN layers depend on it: use the training batch size.
+
+    Returns:
+        ``model``, with its BN layers' moving statistics replaced.
+
+    Raises:
+        TypeError: ``model`` is not a Sequential or functional model, or
+            ``steps`` or ``batch_size`` is not an int.
+        ValueError: ``steps`` or ``batch_size`` is below 1, ``data`` gave no
+            batch, or a BN layer saw no (unmasked) value.
+
+    Example:
+        >>> import numpy as np, keras, kerasbn
+        >>> model = keras.Sequential([keras.Input((3,)), kerasbn.BatchNorm()])
+        >>> x = np.random.default_rng(0).normal(5.0, 2.0, (100, 3))
+        >>> model = kerasbn.recalibrate(model, x.astype("float32"), batch_size=10)
+        >>> bool(np.allclose(model.layers[0].moving_variance, x.var(axis=0)))
+        True
+    """
+    _check_positive_int("steps", steps, allow_none=True)
+    _check_positive_int("batch_size", batch_size)
+    layers = _bn_layers(model)
+    if not layers:
+        return model
+    saved_weights = [layer.get_weights() for layer in layers]
+    saved_flags = [_trainable_flags(layer) for layer in layers]
+    recorders: dict[int, _MomentsRecorder] = {}
+    try:
+        for layer in layers:
+            layer.trainable = True  # a frozen BN would not use batch statistics
+        probe = _probe(model, recorders)
+        seen = 0
+        for x in _batches(data, steps, batch_size):
+            probe.predict_on_batch(x)
+            seen += 1
+        if seen == 0:
+            raise ValueError("`data` gave no batch; recalibrate needs at least one.")
+        statistics = [recorders[id(layer)].population() for layer in layers]
+    finally:
+        for layer, weights, flags in zip(layers, saved_weights, saved_flags):
+            layer.set_weights(weights)
+            _restore_trainable_flags(layer, flags)
+    for layer, (mean, variance) in zip(layers, statistics):
+        _set_moving_statistics(layer, mean, variance)
+    return model
+
+
+def _bn_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The BN layers of ``model`` and of the models nested in it, in order."""
+    found: list[keras.layers.Layer] = []
+    for layer in model.layers:
+        if isinstance(layer, BN_LAYERS):
+            found.append(layer)
+        elif isinstance(layer, keras.Model):
+            found.extend(_bn_layers(layer))
+    return list({id(layer): layer for layer in found}.values())
+
+
+class _MomentsRecorder(keras.layers.Layer):
+    """Calls a BN layer in training mode and pools the moments of its inputs."""
+
+    def __init__(self, bn: keras.layers.Layer, **kwargs):
+        super().__init__(name=f"{bn.name}_recorder", **kwargs)
+        self.bn = bn
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        ndim = len(input_shape)
+        axes = (
+            self.bn.axis if isinstance(self.bn.axis, (list, tuple)) else [self.bn.axis]
+        )
+        self._channel_axes = sorted(a % ndim for a in axes)
+        self._reduction_axes = [a for a in range(ndim) if a not in self._channel_axes]
+        shape = [input_shape[a] if a in self._channel_axes else 1 for a in range(ndim)]
+        self._accumulators = bn_ops.Moments(
+            *[
+                self.add_weight(
+                    shape=shape,
+                    initializer="zeros",
+                    dtype=_ACCUMULATOR_DTYPE,
+                    trainable=False,
+                    autocast=False,
+                    name=name,
+                )
+                for name in bn_ops.Moments._fields
+            ]
+        )
+
+    def call(self, inputs, mask=None):
+        batch = bn_ops.sufficient_moments(
+            inputs, self._reduction_axes, self._broadcastable(mask)
+        )
+        batch = bn_ops.Moments(*[ops.cast(f, _ACCUMULATOR_DTYPE) for f in batch])
+        pooled = bn_ops.Moments(
+            *[ops.convert_to_tensor(a.value) for a in self._accumulators]
+        )
+        merged = bn_ops.merge_moments(pooled, batch)
+        for accumulator, value in zip(self._accumulators, merged):
+            accumulator.assign(value)
+        return self.bn(inputs, training=True, mask=mask)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def _broadcastable(self, mask):
+        if mask is None:
+            return None
+        for axis in self._channel_axes:
+            mask = ops.expand_dims(mask, axis)
+        return mask
+
+    def population(self) -> tuple[np.ndarray, np.ndarray]:
+        """The pooled ``(mean, biased variance)``, channel axes only."""
+        count, shift, offset, m2 = (np.asarray(a) for a in self._accumulators)
+        if np.any(count == 0):
+            raise ValueError(
+                f"BN layer {self.bn.name!r} saw no unmasked value during the "
+                "recalibration pass, so it has no population statistics."
+            )
+        return shift + offset, m2 / count
+
+
+def _probe(model: keras.Model, recorders: dict) -> keras.Model:
+    """A model on the same layers, each BN layer wrapped in a recorder."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "recalibrate needs a Sequential or functional keras.Model; got "
+            f"{type(model).__name__}."
+        )
+
+    def reuse(layer):
+        if isinstance(layer, BN_LAYERS):
+            recorders[id(layer)] = _MomentsRecorder(layer)
+            return recorders[id(layer)]
+        return layer
+
+    try:
+        probe = keras.models.clone_model(model, clone_function=reuse, recursive=True)
+    except ValueError as error:  # subclassed models cannot be cloned
+        raise TypeError(
+            "recalibrate needs a Sequential or functional keras.Model; "
+            f"cloning {type(model).__name__} failed: {error}"
+        ) from error
+    unreached = [
+        layer.name for layer in _bn_layers(model) if id(layer) not in recorders
+    ]
+    if unreached:
+        raise TypeError(
+            f"recalibrate cannot reach the BN layers {unreached}: they sit in a "
+            "subclassed model; only Sequential and functional models are cloned."
+        )
+    return probe
+
+
+def _batches(data, steps: int | None, batch_size: int) -> Iterator:
+    """The inputs ``x`` of the first ``steps`` batches of ``data``."""
+    if isinstance(data, np.ndarray):
+        batches = (data[i : i + batch_size] for i in range(0, len(data), batch_size))
+    else:
+        batches = iter(data)
+    for element in itertools.islice(batches, steps):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(element)
+        yield x
+
+
+def _set_moving_statistics(layer, mean: np.ndarray, variance: np.ndarray) -> None:
+    shape = tuple(layer.moving_mean.shape)
+    layer.moving_mean.assign(np.reshape(mean, shape).astype(layer.moving_mean.dtype))
+    layer.moving_variance.assign(
+        np.reshape(variance, shape).astype(layer.moving_variance.dtype)
+    )
+    if getattr(layer, "renorm", False) and hasattr(layer, "moving_stddev"):
+        stddev = np.sqrt(np.reshape(variance, shape) + layer.epsilon)
+        layer.moving_stddev.assign(stddev.astype(layer.moving_stddev.dtype))
+
+
+def _trainable_flags(layer) -> tuple[bool, list[bool]]:
+    return layer.trainable, [w.trainable for w in layer.weights]
+
+
+def _restore_trainable_flags(layer, flags: tuple[bool, list[bool]]) -> None:
+    layer_flag, weight_flags = flags
+    layer.trainable = layer_flag  # this also sets its weights' flags...
+    for weight, flag in zip(layer.weights, weight_flags):
+        weight.trainable = flag  # ...which may have differed one by one
+
+
+def _check_positive_int(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    allowed = "a positive int or None" if allow_none else "a positive int"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be {allowed}; got {name}={value!r}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be {allowed}; got {name}={value!r}.")

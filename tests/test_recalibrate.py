@@ -1,0 +1,221 @@
+"""kerasbn.recalibrate against population statistics recomputed in NumPy."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from conftest import np_batch_norm, np_moments
+
+import kerasbn
+
+BN_CLASSES = [kerasbn.BatchNorm, keras.layers.BatchNormalization]
+DATA_KINDS = ["dataset", "numpy", "generator"]
+BATCH = 16
+
+
+def as_data(kind: str, x: np.ndarray, batch_size: int = BATCH):
+    """``x`` as a batched tf.data.Dataset of (x, y), an array, or a generator."""
+    if kind == "numpy":
+        return x
+    if kind == "dataset":
+        import tensorflow as tf
+
+        y = np.zeros(len(x), "int32")
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    return (x[i : i + batch_size] for i in range(0, len(x), batch_size))
+
+
+def batches(x: np.ndarray, batch_size: int = BATCH) -> list[np.ndarray]:
+    return [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+
+
+def randomize(model: keras.Model, rng) -> None:
+    """Random weights everywhere, moving variances positive."""
+    model.set_weights(
+        [
+            rng.uniform(0.5, 1.5, w.shape).astype(w.dtype)
+            if "variance" in w.path
+            else rng.normal(0.0, 1.0, w.shape).astype(w.dtype)
+            for w in model.weights
+        ]
+    )
+
+
+def moving(layer) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)
+
+
+@pytest.mark.parametrize("kind", DATA_KINDS)
+@pytest.mark.parametrize("bn_class", BN_CLASSES)
+def test_first_layer_bn_gets_the_datasets_numpy_statistics(rng, bn_class, kind):
+    # A large mean and a small spread, 70 images in batches 16, ..., 16, 6.
+    x = rng.normal(50.0, 0.1, (70, 5, 4, 3)).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((5, 4, 3)), bn_class(), keras.layers.Conv2D(2, 3)]
+    )
+    kerasbn.recalibrate(model, as_data(kind, x), batch_size=BATCH)
+    mean, var = np_moments(x, [3])
+    np.testing.assert_allclose(moving(model.layers[0])[0], mean.ravel(), rtol=1e-5)
+    np.testing.assert_allclose(moving(model.layers[0])[1], var.ravel(), rtol=1e-5)
+
+
+def test_deeper_functional_model_matches_numpy_recomputation(rng):
+    # kerasbn BN, then Dropout and a nested Sequential holding a Keras BN.
+    inner = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(5), keras.layers.BatchNormalization()]
+    )
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(6)(inputs)
+    h = kerasbn.BatchNorm(epsilon=0.01)(h)
+    h = keras.layers.Activation("relu")(h)
+    h = keras.layers.Dropout(0.5)(h)
+    outputs = keras.layers.Dense(2)(inner(h))
+    model = keras.Model(inputs, outputs)
+    randomize(model, rng)
+    x = rng.normal(2.0, 3.0, (50, 4)).astype("float32")
+
+    kerasbn.recalibrate(model, as_data("dataset", x))
+
+    dense1, bn1 = model.layers[1], model.layers[2]
+    dense2, bn2 = inner.layers
+    kernel1, bias1 = (np.asarray(w, np.float64) for w in dense1.weights)
+    kernel2, bias2 = (np.asarray(w, np.float64) for w in dense2.weights)
+    gamma1, beta1 = (np.asarray(w, np.float64) for w in (bn1.gamma, bn1.beta))
+    h1 = [b @ kernel1 + bias1 for b in batches(x.astype(np.float64))]
+    # Upstream BN: batch statistics; Dropout: off.
+    h2 = [
+        np.maximum(np_batch_norm(h, *np_moments(h, [1]), gamma1, beta1, 0.01), 0)
+        @ kernel2
+        + bias2
+        for h in h1
+    ]
+    for layer, inputs_seen in ((bn1, h1), (bn2, h2)):
+        mean, var = np_moments(np.concatenate(inputs_seen), [1])
+        np.testing.assert_allclose(moving(layer)[0], mean.ravel(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(moving(layer)[1], var.ravel(), rtol=1e-5)
+
+
+def test_dropout_before_a_bn_is_off_during_the_pass(rng):
+    x = rng.normal(1.0, 2.0, (64, 3)).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dropout(0.5), kerasbn.BatchNorm()]
+    )
+    kerasbn.recalibrate(model, x)
+    mean, var = np_moments(x, [1])
+    np.testing.assert_allclose(moving(model.layers[1])[1], var.ravel(), rtol=1e-5)
+
+
+def test_steps_caps_the_number_of_batches(rng):
+    x = rng.normal(0.0, 1.0, (80, 3)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), kerasbn.BatchNorm()])
+    kerasbn.recalibrate(model, as_data("generator", x), steps=2)
+    mean, var = np_moments(x[: 2 * BATCH], [1])
+    np.testing.assert_allclose(moving(model.layers[0])[0], mean.ravel(), rtol=1e-5)
+    np.testing.assert_allclose(moving(model.layers[0])[1], var.ravel(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bn_class", BN_CLASSES)
+def test_masked_steps_do_not_count(rng, bn_class):
+    x = rng.normal(3.0, 1.0, (12, 5, 2)).astype("float32")
+    x[:, 3:] = 0.0  # padding, masked by Masking
+    model = keras.Sequential(
+        [keras.Input((5, 2)), keras.layers.Masking(0.0), bn_class()]
+    )
+    kerasbn.recalibrate(model, x, batch_size=4)
+    mean, var = np_moments(x[:, :3], [2])
+    np.testing.assert_allclose(moving(model.layers[1])[0], mean.ravel(), rtol=1e-5)
+    np.testing.assert_allclose(moving(model.layers[1])[1], var.ravel(), rtol=1e-5)
+
+
+def test_only_moving_statistics_change_and_trainable_flags_are_restored(rng):
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(5),
+            kerasbn.BatchNorm(renorm=True, trainable=False),
+            keras.layers.Dense(3, trainable=False),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.layers[3].gamma.trainable = False  # one weight frozen on its own
+    randomize(model, rng)
+    before = {w.path: np.asarray(w) for w in model.weights}
+    layer_flags = [layer.trainable for layer in model.layers]
+    weight_flags = {w.path: w.trainable for w in model.weights}
+
+    kerasbn.recalibrate(model, rng.normal(size=(40, 4)).astype("float32"))
+
+    renorm_bn = model.layers[1]
+    expected_changes = {
+        w.path
+        for layer in (renorm_bn, model.layers[3])
+        for w in (layer.moving_mean, layer.moving_variance)
+    } | {renorm_bn.moving_stddev.path}
+    after = {w.path: np.asarray(w) for w in model.weights}
+    assert {p for p in before if not np.array_equal(before[p], after[p])} == (
+        expected_changes
+    )
+    np.testing.assert_allclose(
+        after[renorm_bn.moving_stddev.path],
+        np.sqrt(after[renorm_bn.moving_variance.path] + renorm_bn.epsilon),
+        rtol=1e-6,
+    )
+    assert [layer.trainable for layer in model.layers] == layer_flags
+    assert {w.path: w.trainable for w in model.weights} == weight_flags
+
+
+def test_frozen_bn_is_recalibrated_with_batch_statistics_upstream(rng):
+    model = keras.Sequential(
+        [keras.Input((3,)), kerasbn.BatchNorm(trainable=False), kerasbn.BatchNorm()]
+    )
+    randomize(model, rng)
+    x = rng.normal(4.0, 2.0, (48, 3)).astype("float32")
+    kerasbn.recalibrate(model, x)
+    first, second = model.layers
+    mean, var = np_moments(x, [1])
+    np.testing.assert_allclose(moving(first)[1], var.ravel(), rtol=1e-5)
+    gamma, beta = np.asarray(first.gamma), np.asarray(first.beta)
+    seen = [np_batch_norm(b, *np_moments(b, [1]), gamma, beta) for b in batches(x, 32)]
+    mean2, var2 = np_moments(np.concatenate(seen), [1])
+    np.testing.assert_allclose(moving(second)[0], mean2.ravel(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(moving(second)[1], var2.ravel(), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(steps=0), ValueError, "steps"),
+        (dict(steps=1.5), TypeError, "steps"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, error, match):
+    model = keras.Sequential([keras.Input((3,)), kerasbn.BatchNorm()])
+    with pytest.raises(error, match=match):
+        kerasbn.recalibrate(model, np.ones((4, 3), "float32"), **kwargs)
+
+
+def test_empty_data_is_an_error_and_leaves_the_model_as_it_was():
+    model = keras.Sequential([keras.Input((3,)), kerasbn.BatchNorm(trainable=False)])
+    with pytest.raises(ValueError, match="no batch"):
+        kerasbn.recalibrate(model, iter([]))
+    assert not model.layers[0].trainable
+    np.testing.assert_array_equal(model.layers[0].moving_variance, np.ones(3))
+
+
+def test_subclassed_model_is_refused():
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.bn = kerasbn.BatchNorm()
+
+        def call(self, x):
+            return self.bn(x)
+
+    model = Subclassed()
+    model(np.ones((2, 3), "float32"))
+    with pytest.raises(TypeError, match="Sequential or functional"):
+        kerasbn.recalibrate(model, np.ones((4, 3), "float32"))
