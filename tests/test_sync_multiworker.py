@@ -7,12 +7,15 @@ Three kinds of check, each against an independent reference:
   bit for bit and match one process trained on the same global batches;
 * ``MirroredStrategy`` over two logical CPUs (set up by conftest), fed by a
   distributed dataset whose batches split unevenly, one replica empty, gives
-  NumPy's statistics of the global batch;
+  NumPy's statistics of the global batch. It runs in a child process (this
+  file as a script), apart from the other modules' strategies;
 * inference mode traces no collective op (training does, as a control).
 """
 
 from __future__ import annotations
 
+import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -94,8 +97,7 @@ def _op_types(function, *args) -> set[str]:
     return {node.op for node in nodes}
 
 
-@pytest.fixture(scope="module")
-def mirrored() -> dict:
+def _mirrored_scenario() -> dict:
     """A synchronized BN trained on a distributed dataset over two logical CPUs.
 
     The two logical CPUs come from conftest. Global batches 5, 5, 1 split
@@ -140,6 +142,28 @@ def mirrored() -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory) -> dict:
+    """:func:`_mirrored_scenario`'s results, computed in a child process.
+
+    Every MirroredStrategy of a process numbers its collective instances from
+    the same start, so a strategy made here could clash with those of other
+    test modules ("Shape mismatch in the collective instance ..."). The child
+    is this file run as a script; it times out and is killed by itself.
+    """
+    out = tmp_path_factory.mktemp("mirrored") / "scenario.pkl"
+    child = subprocess.run(
+        [sys.executable, __file__, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    with open(out, "rb") as f:
+        return pickle.load(f)
+
+
 def test_mirrored_dataset_gives_uneven_and_empty_replicas(mirrored):
     batches = [mirrored["x"][i : i + BATCH] for i in range(0, SAMPLES, BATCH)]
     for step, batch in zip(mirrored["steps"], batches, strict=True):
@@ -171,3 +195,8 @@ def test_inference_mode_issues_no_collective_ops(mirrored):
 
     assert collectives(mirrored["training_ops"])  # the control: training gathers
     assert collectives(mirrored["inference_ops"]) == set()
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1], "wb") as f:
+        pickle.dump(_mirrored_scenario(), f)
