@@ -26,6 +26,11 @@ def implementation(x, axes: Sequence[int], mask=None):
         A backend module when its ``applies`` accepts the call, else
         :mod:`kerasbn.ops`.
     """
+    if keras.backend.backend() == "tensorflow":
+        from kerasbn.backends import tensorflow as tf_backend
+
+        if tf_backend.applies(x, axes, mask):
+            return tf_backend
     return ops
 
 

@@ -1,0 +1,495 @@
+"""TensorFlow fast path: batch normalization in a handful of kernels.
+
+:func:`kerasbn.backends.implementation` picks this module on the TensorFlow
+backend when :func:`applies` accepts a call. It computes what
+:mod:`kerasbn.ops` computes (the same outputs, gradients and biased batch
+statistics, to float32 rounding) with one of two formulations, chosen per
+call from the static shape (see :func:`formulation`):
+
+* ``"fused"``: TensorFlow's fused kernels, ``FusedBatchNormV3`` and its
+  registered gradient ``FusedBatchNormGradV3`` (oneDNN on x86 CPUs, cuDNN on
+  GPUs), on a 4-D NHWC view of a channels-last input. They make the fewest
+  passes over memory but cost about 0.4 ms per training step whatever the
+  size, and run 3-4 times slower than the composite formulation when the
+  channel count is not a multiple of 4, so they serve large channels-last
+  inputs with such channel counts (``FUSED_THRESHOLDS``). The kernel's batch
+  variance is Bessel-corrected; it is scaled back by ``(n - 1) / n`` to the
+  biased variance that the moving average takes.
+* ``"composite"``: one ``tf.custom_gradient``: forward a sum, a subtraction, a
+  sum of squares, a multiply and an add; backward two sums and four
+  element-wise ops. Reductions run over contiguous axes first. Channels-last
+  inputs with fewer than 64 channels are viewed as ``(rows / k, k * C)`` with
+  ``k * C`` a multiple of 16, which halves the cost of broadcasting
+  per-channel vectors for channel counts such as 10 or 20.
+
+Inference uses the fused kernel where training would, the widened view where
+training would, and :func:`kerasbn.ops.normalize` (already two ops) otherwise.
+The outputs are float32, as :mod:`kerasbn.ops` returns them, also for
+float16 and bfloat16 inputs; the statistics returned in training carry no
+gradient (the layer feeds them only to its moving averages), while the
+gradient of the output is exact.
+
+Declined (:func:`applies` is False and :mod:`kerasbn.ops` serves the call):
+
+* a mask;
+* float64 and non-floating inputs (the fused kernels have no float64);
+* channel axes that are not adjacent, e.g. ``axis=[1, 3]`` or the grouping of
+  ghost batches;
+* an unknown rank, an unknown channel size, or no reduction axis.
+
+Renormalization and synchronized statistics never reach this module: the
+layer computes them with :mod:`kerasbn.ops`.
+
+Example:
+    >>> import tensorflow as tf
+    >>> x = tf.random.normal((8, 4, 4, 3))
+    >>> applies(x, [0, 1, 2]), applies(tf.cast(x, "float64"), [0, 1, 2])
+    (True, False)
+    >>> y, mean, var = batch_normalize(x, [0, 1, 2], None, None, 1e-3)
+    >>> y.shape, mean.shape
+    (TensorShape([8, 4, 4, 3]), TensorShape([1, 1, 1, 3]))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import keras
+import tensorflow as tf
+
+from kerasbn import ops
+
+DTYPES = ("float16", "bfloat16", "float32")
+# (channel multiple, fewest elements): the fused kernel is faster from that size
+# on for channels-last inputs whose channel count is a multiple of the first
+# number (measured on a 2-core AVX-512 CPU with oneDNN); for others, never.
+FUSED_THRESHOLDS = ((8, 1 << 17), (4, 1 << 19))
+FUSED_MIN_EPSILON = 1.001e-5  # cuDNN's smallest epsilon
+FUSED_IMAGE_ROWS = 16  # rows per image of the fused kernel's 4-D view
+NOMINAL_DIM = 32  # stands for an unknown dimension when sizing a tensor
+VECTOR_WIDTH = 16  # float32 lanes of a 512-bit vector
+WIDEN_MIN_ELEMENTS = 1 << 15  # below this, widening costs more ops than it saves
+
+_EMPTY = ()
+
+
+class _View(NamedTuple):
+    """The input seen as ``(outer, channels, inner)``.
+
+    Attributes:
+        start, stop: the channel axes are ``start .. stop - 1``.
+        channels: the product of their sizes.
+    """
+
+    start: int
+    stop: int
+    channels: int
+
+
+def _view(shape: tf.TensorShape, channel_axes: Sequence[int]) -> _View | None:
+    """The view for adjacent channel axes of known size, else None."""
+    axes = sorted(channel_axes)
+    if not axes or axes != list(range(axes[0], axes[-1] + 1)):
+        return None
+    sizes = [shape[a] for a in axes]
+    if None in sizes:
+        return None
+    return _View(axes[0], axes[-1] + 1, math.prod(sizes))
+
+
+def _view_of_reduction(shape: tf.TensorShape, axes: Sequence[int]) -> _View | None:
+    rank = shape.rank
+    if rank is None or not axes:
+        return None
+    reduced = {a % rank for a in axes}
+    return _view(shape, [a for a in range(rank) if a not in reduced])
+
+
+def applies(x, axes: Sequence[int], mask=None) -> bool:
+    """Whether this module computes the call exactly.
+
+    Args:
+        x: the input.
+        axes: the reduction axes.
+        mask: the broadcastable mask, or None.
+
+    Returns:
+        True for float16, bfloat16 and float32 inputs of known rank without a
+        mask whose channel axes (those not in ``axes``) are adjacent and of
+        known size.
+
+    Example:
+        >>> x = tf.zeros((8, 5, 3))
+        >>> applies(x, [0]), applies(x, [1]), applies(x, [0], mask=x > 0)
+        (True, False, False)
+    """
+    if mask is not None:
+        return False
+    if keras.backend.standardize_dtype(x.dtype) not in DTYPES:
+        return False
+    return _view_of_reduction(x.shape, axes) is not None
+
+
+def formulation(
+    shape: Sequence[int | None], axes: Sequence[int], epsilon: float
+) -> str:
+    """``"fused"`` or ``"composite"``: how a training call of this shape is computed.
+
+    Args:
+        shape: the input's static shape; an unknown dimension counts as
+            ``NOMINAL_DIM``.
+        axes: the reduction axes; the call must be one that :func:`applies`
+            accepts.
+        epsilon: the layer's epsilon.
+
+    Returns:
+        ``"fused"`` for channels-last inputs large enough for their channel
+        count (``FUSED_THRESHOLDS``) and an epsilon that cuDNN accepts,
+        ``"composite"`` otherwise.
+
+    Example:
+        >>> formulation((32, 56, 56, 64), [0, 1, 2], 1e-3)
+        'fused'
+        >>> formulation((32, 24, 24, 10), [0, 1, 2], 1e-3)
+        'composite'
+    """
+    shape = tf.TensorShape(shape)
+    return _formulation(shape, _view_of_reduction(shape, axes), epsilon)
+
+
+def _formulation(shape: tf.TensorShape, view: _View, epsilon: float) -> str:
+    fused = (
+        view.stop == shape.rank
+        and epsilon >= FUSED_MIN_EPSILON
+        and any(
+            view.channels % multiple == 0 and _size(shape) >= smallest
+            for multiple, smallest in FUSED_THRESHOLDS
+        )
+    )
+    return "fused" if fused else "composite"
+
+
+# ------------------------------------------------------------------- layouts
+def _size(shape: tf.TensorShape) -> int:
+    """The number of elements, an unknown dimension counting as ``NOMINAL_DIM``."""
+    return math.prod(NOMINAL_DIM if d is None else d for d in shape)
+
+
+def _known_rows(shape: tf.TensorShape, view: _View) -> int:
+    """The product of the known dimensions before the channel axes.
+
+    The number of rows of a channels-last input is a multiple of it whatever
+    the unknown dimensions are.
+    """
+    return math.prod(d for d in shape[: view.start] if d is not None)
+
+
+def _statistics_shape(x, view: _View) -> list[int]:
+    """The keepdims shape of the statistics: size 1 on the reduced axes."""
+    rank = x.shape.rank
+    return [x.shape[a] if view.start <= a < view.stop else 1 for a in range(rank)]
+
+
+def _widening(shape: tf.TensorShape, view: _View) -> int:
+    """The factor ``k`` that views channels-last ``(rows, C)`` as ``(rows / k, k * C)``.
+
+    For fewer than ``4 * VECTOR_WIDTH`` channels in a tensor of at least
+    ``WIDEN_MIN_ELEMENTS``, ``k * C`` becomes a multiple of ``VECTOR_WIDTH``
+    (with ``k`` dividing the rows), so that element-wise ops broadcast
+    per-channel vectors over whole SIMD vectors. Otherwise 1: no widening.
+    """
+    channels = view.channels
+    if (
+        view.stop != shape.rank
+        or channels >= 4 * VECTOR_WIDTH
+        or _size(shape) < WIDEN_MIN_ELEMENTS
+    ):
+        return 1
+    rows = _known_rows(shape, view)
+    k = VECTOR_WIDTH // math.gcd(channels, VECTOR_WIDTH)
+    while rows % k:
+        k //= 2
+    return k
+
+
+class _Layout:
+    """How the composite formulation sees ``x`` and its per-channel vectors.
+
+    Unwidened, ``x`` keeps its shape and a per-channel vector has the
+    statistics' keepdims shape, so the layer's reshaped weights broadcast as
+    they are; a reduction runs over the trailing axes first, which are
+    contiguous, then over the leading ones. Widened by ``k`` (see
+    :func:`_widening`), ``x`` is a ``(rows / k, k * C)`` matrix and a vector
+    is ``(C,)``, repeated ``k`` times along a row.
+    """
+
+    def __init__(self, x, view: _View):
+        rank = x.shape.rank
+        self.channels = view.channels
+        self.statistics_shape = _statistics_shape(x, view)
+        self.k = _widening(x.shape, view)
+        self.inner_axes = tuple(range(view.stop, rank))
+        self.outer_axes = tuple(range(view.start))
+        size = x.shape.num_elements()
+        self.count = None if size is None else float(size // view.channels)
+
+    def view(self, x):
+        """``x`` as float32 in this layout."""
+        x = tf.cast(x, tf.float32)
+        if self.k == 1:
+            return x
+        return tf.reshape(x, [-1, self.k * self.channels])
+
+    def restore(self, t, x):
+        """``t`` (in this layout) back in ``x``'s shape."""
+        if self.k == 1:
+            return t
+        return tf.reshape(t, _shape_of(x))
+
+    def vector(self, value, default: float = 1.0):
+        """A broadcastable per-channel ``value`` (or ``default``) as a vector."""
+        value = _statistics_tensor(value, self.statistics_shape, default)
+        return value if self.k == 1 else tf.reshape(value, [self.channels])
+
+    def statistics(self, v):
+        """A vector in the statistics' keepdims shape."""
+        if self.k == 1:
+            return v
+        return tf.reshape(v, self.statistics_shape)
+
+    def samples(self, xv):
+        """The number of samples per channel (a scalar tensor if dynamic)."""
+        if self.count is not None:
+            return self.count
+        return tf.cast(tf.size(xv) // self.channels, tf.float32)
+
+    def spread(self, v):
+        """A vector, broadcastable against ``x`` in this layout."""
+        return v if self.k == 1 else tf.tile(v, [self.k])
+
+    def sum(self, t):
+        """``t`` summed to a vector."""
+        return self._reduce(tf.reduce_sum, t)
+
+    def sum_of_squares(self, t):
+        """The squares of ``t`` summed to a vector."""
+        return tf.square(self._reduce(tf.math.reduce_euclidean_norm, t))
+
+    def _reduce(self, reduction, t):
+        if self.k > 1:
+            t = reduction(t, axis=0)
+            return reduction(tf.reshape(t, [self.k, self.channels]), axis=0)
+        for axes in (self.inner_axes, self.outer_axes):
+            if axes:
+                t = reduction(t, axis=axes, keepdims=True)
+        return t
+
+
+def _shape_of(x):
+    """``x``'s shape: a list if static, else a tensor."""
+    return x.shape.as_list() if x.shape.is_fully_defined() else tf.shape(x)
+
+
+def _statistics_tensor(value, shape: list[int], default: float):
+    """A broadcastable ``value`` (or ``default``) as float32 of the statistics' shape."""
+    value = tf.cast(default if value is None else value, tf.float32)
+    if value.shape != shape:
+        value = tf.broadcast_to(value, shape)
+    return value
+
+
+def _channel_vector(value, view: _View, x, default: float):
+    """A broadcastable ``value`` (or ``default``) as a float32 ``(C,)`` vector."""
+    value = _statistics_tensor(value, _statistics_shape(x, view), default)
+    return tf.reshape(value, [view.channels])
+
+
+def _fused_view(x, view: _View):
+    """Channels-last ``x`` as the NHWC tensor ``(rows / r, r, 1, C)``, ``r <= 16``.
+
+    oneDNN spreads many short images over the cores better than the input's
+    own 4-D shape or one long image: 8% faster at (32, 28, 28, 256).
+    """
+    rows = math.gcd(_known_rows(x.shape, view), FUSED_IMAGE_ROWS)
+    return tf.reshape(x, [-1, rows, 1, view.channels])
+
+
+# ------------------------------------------------------------------- training
+def _composite_batch_normalize(x, view: _View, gamma, beta, epsilon: float):
+    """BN of ``x`` with its own statistics as one ``tf.custom_gradient``.
+
+    Forward: a sum, a subtraction, a sum of squares, a multiply and an add
+    (none without beta). Backward: two sums (``dy`` and ``dy * (x - mean)``)
+    and four element-wise ops. Returns ``(y, mean, variance)`` in the layout.
+    """
+    layout = _Layout(x, view)
+    centre = beta is not None
+
+    @tf.custom_gradient
+    def batch_norm(xv, gamma, beta):
+        count = layout.samples(xv)
+        mean = layout.sum(xv) / count
+        centred = xv - layout.spread(mean)
+        variance = layout.sum_of_squares(centred) / count
+        inv = tf.math.rsqrt(variance + epsilon)
+        scale = gamma * inv
+        y = centred * layout.spread(scale)
+        if centre:
+            y = y + layout.spread(beta)
+
+        def grad(dy, *_):
+            # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat))
+            dbeta = layout.sum(dy)
+            projection = layout.sum(dy * centred)
+            slope = scale * inv * inv * projection / count
+            shift = scale * dbeta / count
+            dx = dy * layout.spread(scale) - (
+                centred * layout.spread(slope) + layout.spread(shift)
+            )
+            return dx, projection * inv, dbeta
+
+        return (y, mean, variance), grad
+
+    y, mean, variance = batch_norm(
+        layout.view(x), layout.vector(gamma, 1.0), layout.vector(beta, 0.0)
+    )
+    return layout.restore(y, x), layout.statistics(mean), layout.statistics(variance)
+
+
+def _fused_batch_normalize(x, view: _View, gamma, beta, epsilon: float):
+    """BN with the fused kernel; returns ``(y, mean, variance)``.
+
+    The kernel's batch variance is unbiased; it is scaled back to the biased one.
+    """
+    y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=_fused_view(x, view),
+        scale=_channel_vector(gamma, view, x, 1.0),
+        offset=_channel_vector(beta, view, x, 0.0),
+        mean=tf.constant(_EMPTY, tf.float32),
+        variance=tf.constant(_EMPTY, tf.float32),
+        epsilon=epsilon,
+        exponential_avg_factor=1.0,
+        data_format="NHWC",
+        is_training=True,
+    )
+    shape = _statistics_shape(x, view)
+    variance = variance * _bessel_inverse(x, view.channels)
+    return (
+        tf.reshape(y, _shape_of(x)),
+        tf.reshape(mean, shape),
+        tf.reshape(variance, shape),
+    )
+
+
+def _bessel_inverse(x, channels: int):
+    """``(n - 1) / n`` for ``n`` samples per channel: unbiased to biased variance."""
+    size = x.shape.num_elements()
+    if size is not None:
+        n = size // channels
+        return (n - 1) / n if n > 1 else 0.0
+    n = tf.cast(tf.size(x) // channels, tf.float32)
+    return tf.maximum(n - 1.0, 0.0) / n
+
+
+def batch_normalize(x, axes: Sequence[int], gamma, beta, epsilon: float, mask=None):
+    """Training-mode batch normalization, as :func:`kerasbn.ops.batch_normalize`.
+
+    Args:
+        x: input tensor; :func:`applies` must accept the call.
+        axes: the reduction axes.
+        gamma, beta: scale and offset broadcastable to ``x``, or None.
+        epsilon: added to the variance.
+        mask: must be None.
+
+    Returns:
+        ``(y, mean, variance)``: the output in float32, and the batch mean and
+        biased variance in float32 with the reduced axes kept (no gradient).
+
+    Raises:
+        ValueError: if :func:`applies` declines the call.
+
+    Example:
+        >>> x = tf.constant([[0.0], [2.0]])
+        >>> y, mean, var = batch_normalize(x, [0], None, None, 0.0)
+        >>> [round(float(v), 6) for v in (y[0, 0], y[1, 0], mean[0, 0], var[0, 0])]
+        [-1.0, 1.0, 1.0, 1.0]
+    """
+    if not applies(x, axes, mask):
+        raise ValueError(
+            f"The TensorFlow fast path does not apply to this call (dtype "
+            f"{x.dtype}, shape {x.shape}, axes {list(axes)}, mask "
+            f"{'given' if mask is not None else 'None'}); use kerasbn.ops."
+        )
+    view = _view_of_reduction(x.shape, axes)
+    if _formulation(x.shape, view, epsilon) == "fused":
+        y, mean, variance = _fused_batch_normalize(x, view, gamma, beta, epsilon)
+    else:
+        y, mean, variance = _composite_batch_normalize(x, view, gamma, beta, epsilon)
+    return tf.cast(y, tf.float32), mean, variance
+
+
+# ------------------------------------------------------------------ inference
+def normalize(x, mean, variance, gamma, beta, epsilon: float):
+    """Inference-mode normalization, as :func:`kerasbn.ops.normalize`.
+
+    Large channels-last inputs use the fused kernel; channel counts below
+    ``4 * VECTOR_WIDTH`` are widened (see :func:`formulation`); everything
+    else is :func:`kerasbn.ops.normalize` itself, which is already two ops.
+
+    Args:
+        x: input tensor.
+        mean, variance: statistics with ``x``'s rank, size 1 on the reduced
+            axes (as the layer passes them).
+        gamma, beta: scale and offset broadcastable to ``x``, or None.
+        epsilon: added to the variance.
+
+    Returns:
+        ``gamma * (x - mean) / sqrt(variance + epsilon) + beta`` in float32.
+
+    Example:
+        >>> x = tf.constant([[0.0], [2.0]])
+        >>> normalize(x, tf.ones((1, 1)), tf.ones((1, 1)), None, None, 0.0)
+        <tf.Tensor: shape=(2, 1), dtype=float32, numpy=
+        array([[-1.],
+               [ 1.]], dtype=float32)>
+    """
+    view = _inference_view(x, mean)
+    if view is not None and _formulation(x.shape, view, epsilon) == "fused":
+        y, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=_fused_view(x, view),
+            scale=_channel_vector(gamma, view, x, 1.0),
+            offset=_channel_vector(beta, view, x, 0.0),
+            mean=_channel_vector(mean, view, x, 0.0),
+            variance=_channel_vector(variance, view, x, 1.0),
+            epsilon=epsilon,
+            exponential_avg_factor=1.0,
+            data_format="NHWC",
+            is_training=False,
+        )
+        return tf.cast(tf.reshape(y, _shape_of(x)), tf.float32)
+    layout = None if view is None else _Layout(x, view)
+    if layout is None or layout.k == 1:
+        return ops.normalize(x, mean, variance, gamma, beta, epsilon)
+    statistics = [
+        None if v is None else layout.vector(v) for v in (mean, variance, gamma, beta)
+    ]
+    scale, offset = ops.affine_from_statistics(*statistics, epsilon)
+    y = layout.view(x) * layout.spread(scale) + layout.spread(offset)
+    return layout.restore(y, x)
+
+
+def _inference_view(x, mean) -> _View | None:
+    """The view whose channel axes are those where ``mean`` has size > 1.
+
+    None where :func:`applies` would decline: another dtype, or statistics
+    whose rank is not ``x``'s.
+    """
+    rank = x.shape.rank
+    if keras.backend.standardize_dtype(x.dtype) not in DTYPES:
+        return None
+    if rank is None or len(getattr(mean, "shape", ())) != rank:
+        return None
+    channel_axes = [a for a in range(rank) if mean.shape[a] != 1]
+    return _view(x.shape, channel_axes or [rank - 1])
