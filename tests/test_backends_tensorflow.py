@@ -283,6 +283,28 @@ def test_matches_keras_peer_layer_over_several_training_calls(
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape, axis", [((16, 6, 6, 16), -1), ((16, 6, 6, 10), 1)])
+def test_statistics_stay_exact_when_the_mean_dwarfs_the_spread(
+    rng, force_path, path, shape, axis
+):
+    # float32 can hold a mean of 1e4 only to 5e-4, a twentieth of the spread;
+    # the statistics must not inherit that rounding (the outputs do, on every
+    # path: they are computed from the rounded mean or as x * scale + offset).
+    if path in ("fused", "widened") and axis != -1:
+        pytest.skip("channels-last inputs only")
+    force_path(path)
+    layer = kerasbn.BatchNorm(axis=axis, momentum=0.0, epsilon=1e-5)
+    x = (1e4 + 1e-2 * rng.standard_normal(shape)).astype("float32")
+    layer(x, training=True)
+    mean, var = np_moments(x, _channel_axes(shape, axis))
+    np.testing.assert_allclose(layer.moving_mean, mean.ravel(), rtol=1e-7)
+    np.testing.assert_allclose(layer.moving_variance, var.ravel(), rtol=1e-5)
+    record(
+        f"variance, mean 1e4 spread 1e-2 ({path})", layer.moving_variance, var.ravel()
+    )
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", [(4, 4, 8), (4, 3, 10)])
 def test_unknown_batch_size_inside_tf_function_matches_numpy(
     rng, force_path, path, shape

@@ -14,9 +14,12 @@ call from the static shape (see :func:`formulation`):
   channel count is not a multiple of 4, so they serve large channels-last
   inputs with such channel counts (``FUSED_THRESHOLDS``). The kernel's batch
   variance is Bessel-corrected; it is scaled back by ``(n - 1) / n`` to the
-  biased variance that the moving average takes.
-* ``"composite"``: one ``tf.custom_gradient``: forward a sum, a subtraction, a
-  sum of squares, a multiply and an add; backward two sums and four
+  biased variance that the moving average takes. Where a channel's mean is
+  more than ``FAR_MEAN`` spreads from zero, one more pass over the input
+  removes the rounding of the kernel's float32 mean from the statistics.
+* ``"composite"``: one ``tf.custom_gradient`` of 13 large ops: forward a sum,
+  a subtraction, two sums (plain and of squares), a multiply and an add;
+  backward the sums of ``dy`` and ``dy * (x - mean)`` and four more
   element-wise ops. Reductions run over contiguous axes first. Channels-last
   inputs with fewer than 64 channels are viewed as ``(rows / k, k * C)`` with
   ``k * C`` a multiple of 16, which halves the cost of broadcasting
@@ -68,6 +71,7 @@ DTYPES = ("float16", "bfloat16", "float32")
 FUSED_THRESHOLDS = ((8, 1 << 17), (4, 1 << 19))
 FUSED_MIN_EPSILON = 1.001e-5  # cuDNN's smallest epsilon
 FUSED_IMAGE_ROWS = 16  # rows per image of the fused kernel's 4-D view
+FAR_MEAN = 100.0  # spreads from zero beyond which the fused mean is refined
 NOMINAL_DIM = 32  # stands for an unknown dimension when sizing a tensor
 VECTOR_WIDTH = 16  # float32 lanes of a 512-bit vector
 WIDEN_MIN_ELEMENTS = 1 << 15  # below this, widening costs more ops than it saves
@@ -320,37 +324,41 @@ def _fused_view(x, view: _View):
 def _composite_batch_normalize(x, view: _View, gamma, beta, epsilon: float):
     """BN of ``x`` with its own statistics as one ``tf.custom_gradient``.
 
-    Forward: a sum, a subtraction, a sum of squares, a multiply and an add
-    (none without beta). Backward: two sums (``dy`` and ``dy * (x - mean)``)
-    and four element-wise ops. Returns ``(y, mean, variance)`` in the layout.
+    Forward: a sum, a subtraction, two sums (plain and of squares), a multiply
+    and an add. Backward: the sums of ``dy`` and ``dy * (x - mean)`` and four
+    more element-wise ops. The mean is the float32 mean plus the mean of the
+    differences from it, which recovers its rounding: the statistics stay
+    exact where the mean is large compared with the spread, as with the
+    shifted moments of :mod:`kerasbn.ops`. Returns ``(y, mean, variance)`` in
+    the layout.
     """
     layout = _Layout(x, view)
-    centre = beta is not None
 
     @tf.custom_gradient
     def batch_norm(xv, gamma, beta):
         count = layout.samples(xv)
-        mean = layout.sum(xv) / count
-        centred = xv - layout.spread(mean)
-        variance = layout.sum_of_squares(centred) / count
+        rough = layout.sum(xv) / count
+        centred = xv - layout.spread(rough)  # exact where x is close to it
+        offset = layout.sum(centred) / count  # the rounding of the rough mean
+        variance = layout.sum_of_squares(centred) / count - tf.square(offset)
+        variance = tf.maximum(variance, 0.0)
         inv = tf.math.rsqrt(variance + epsilon)
         scale = gamma * inv
-        y = centred * layout.spread(scale)
-        if centre:
-            y = y + layout.spread(beta)
+        # y = (centred - offset) * scale + beta
+        y = centred * layout.spread(scale) + layout.spread(beta - offset * scale)
 
         def grad(dy, *_):
             # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat))
             dbeta = layout.sum(dy)
-            projection = layout.sum(dy * centred)
+            projection = layout.sum(dy * centred) - offset * dbeta
             slope = scale * inv * inv * projection / count
-            shift = scale * dbeta / count
+            shift = scale * dbeta / count - offset * slope
             dx = dy * layout.spread(scale) - (
                 centred * layout.spread(slope) + layout.spread(shift)
             )
             return dx, projection * inv, dbeta
 
-        return (y, mean, variance), grad
+        return (y, rough + offset, variance), grad
 
     y, mean, variance = batch_norm(
         layout.view(x), layout.vector(gamma, 1.0), layout.vector(beta, 0.0)
@@ -361,10 +369,12 @@ def _composite_batch_normalize(x, view: _View, gamma, beta, epsilon: float):
 def _fused_batch_normalize(x, view: _View, gamma, beta, epsilon: float):
     """BN with the fused kernel; returns ``(y, mean, variance)``.
 
-    The kernel's batch variance is unbiased; it is scaled back to the biased one.
+    The kernel's batch variance is unbiased; it is scaled back to the biased
+    one. See :func:`_refine` for inputs whose mean is far from zero.
     """
+    x4 = _fused_view(x, view)
     y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=_fused_view(x, view),
+        x=x4,
         scale=_channel_vector(gamma, view, x, 1.0),
         offset=_channel_vector(beta, view, x, 0.0),
         mean=tf.constant(_EMPTY, tf.float32),
@@ -374,13 +384,33 @@ def _fused_batch_normalize(x, view: _View, gamma, beta, epsilon: float):
         data_format="NHWC",
         is_training=True,
     )
+    mean, variance = _refine(x4, mean, variance * _bessel_inverse(x, view.channels))
     shape = _statistics_shape(x, view)
-    variance = variance * _bessel_inverse(x, view.channels)
     return (
         tf.reshape(y, _shape_of(x)),
         tf.reshape(mean, shape),
         tf.reshape(variance, shape),
     )
+
+
+def _refine(x4, mean, variance):
+    """The fused kernel's statistics, made exact where the mean is far from zero.
+
+    The kernel keeps the mean in float32, so its variance is too large by the
+    square of the mean's rounding: a relative error near ``(eps * mean)**2 /
+    variance`` (2e-4 for a mean of 1e4 and a spread of 1e-2). Where some
+    channel's mean exceeds ``FAR_MEAN`` spreads, one more pass over ``x``
+    measures that rounding and removes it; elsewhere (almost always) the
+    pass is skipped and costs nothing.
+    """
+
+    def exact():
+        x = tf.cast(x4, tf.float32)
+        offset = tf.reduce_mean(x - mean, axis=(0, 1, 2))
+        return mean + offset, tf.maximum(variance - tf.square(offset), 0.0)
+
+    far = tf.reduce_any(tf.square(mean) > FAR_MEAN**2 * variance)
+    return tf.cond(far, exact, lambda: (mean, variance))
 
 
 def _bessel_inverse(x, channels: int):
