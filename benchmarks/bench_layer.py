@@ -1,0 +1,289 @@
+"""One BN layer, side by side: kerasbn, Keras 3 and tf.keras (fused), one process.
+
+For each shape the three layers get the same weights and time two steps:
+
+* **train**: forward and backward under ``tf.function``, with a fixed
+  upstream gradient (``output_gradients``); the step returns ``y`` and the
+  gradients with respect to ``x``, gamma and beta, and updates the moving
+  statistics;
+* **infer**: ``layer(x, training=False)`` under ``tf.function``.
+
+Rounds are interleaved (the order rotates) and the table shows medians. The
+floor is what memory bandwidth allows: a train step must move at least 8
+tensors of ``x``'s size (forward: read x for the statistics, read x and write
+y; backward: read dy and x for the reductions, read both and write dx), and
+an inference call 2 (read x, write y). The bandwidth is that of copying ``x``
+(the faster of NumPy's ``copyto`` into a ready buffer and a TensorFlow copy),
+measured in the same rounds; "% floor" is floor time / measured time.
+
+``--memory`` adds each contender's memory for the train step, each measured
+in a fresh process: the peak resident set size (RSS) during three steps, above
+the RSS before them.
+
+Run:
+    python benchmarks/bench_layer.py
+    python benchmarks/bench_layer.py --rounds 21 --memory --json results/layer.json
+    python benchmarks/bench_layer.py --shapes 32,24,24,10 32,8,8,20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tf_keras  # noqa: E402  (the pip package itself: Keras 3 stays the default)
+from harness import (  # noqa: E402
+    interleaved_medians,
+    machine,
+    markdown_table,
+    memory_in_child,
+    step_memory_mb,
+    write_json,
+)
+
+import kerasbn  # noqa: E402
+from kerasbn import backends  # noqa: E402
+
+CONTENDERS = {
+    "kerasbn": kerasbn.BatchNorm,
+    "keras": keras.layers.BatchNormalization,
+    "tf_keras": tf_keras.layers.BatchNormalization,
+}
+# (shape, axis): the ResNet-like conv shapes, a dense layer, channels-first,
+# 3-D conv, and the lecture CNN's own three BN inputs.
+SHAPES = [
+    ((32, 56, 56, 64), -1),
+    ((32, 28, 28, 256), -1),
+    ((256, 1024), -1),
+    ((32, 64, 56, 56), 1),
+    ((8, 16, 32, 32, 32), -1),
+    ((32, 24, 24, 10), -1),
+    ((32, 8, 8, 20), -1),
+    ((32, 100), -1),
+]
+TRAIN_PASSES, INFER_PASSES = 8, 2
+
+
+def build(name: str, shape, axis: int, weights=None):
+    """A built layer of contender ``name`` (with ``weights`` if given)."""
+    layer = CONTENDERS[name](axis=axis)
+    layer.build(shape)
+    if weights is not None:
+        layer.set_weights(weights)
+    return layer
+
+
+def train_step(layer):
+    """A ``tf.function``: forward + backward with a fixed upstream gradient."""
+
+    @tf.function
+    def step(x, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        grads = tape.gradient(y, [x, *layer.trainable_weights], output_gradients=dy)
+        return y, grads
+
+    return step
+
+
+def inference_step(layer):
+    return tf.function(lambda x: layer(x, training=False))
+
+
+def formulation(shape, axis: int) -> str:
+    """How kerasbn computes a train step of this shape."""
+    axes = [a for a in range(len(shape)) if a != axis % len(shape)]
+    x = tf.zeros(shape)
+    if backends.implementation(x, axes) is backends.ops:
+        return "generic"
+    from kerasbn.backends import tensorflow as tf_backend
+
+    return tf_backend.formulation(x.shape, axes, 1e-3)
+
+
+def copiers(x: tf.Tensor):
+    """Two ways to copy ``x``: NumPy into a ready buffer, and TensorFlow."""
+    source = x.numpy()
+    target = np.empty_like(source)
+    tf_copy = tf.function(lambda t: tf.raw_ops.DeepCopy(x=t))
+    return {
+        "copy_numpy": lambda: np.copyto(target, source),
+        "copy_tf": lambda: tf_copy(x),
+    }
+
+
+def calibrate(fn, budget_s: float) -> int:
+    """Calls per round so that one round of ``fn`` takes about ``budget_s``."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    return max(1, min(200, round(budget_s / max(time.perf_counter() - start, 1e-6))))
+
+
+def measure_shape(shape, axis: int, rounds: int, budget_s: float) -> dict:
+    """Medians (seconds) of every contender's train and inference step."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(0.5, 2.0, shape).astype("float32"))
+    dy = tf.constant(rng.normal(0.0, 1.0, shape).astype("float32"))
+    layers = {"kerasbn": build("kerasbn", shape, axis)}
+    weights = layers["kerasbn"].get_weights()
+    for name in CONTENDERS:
+        layers.setdefault(name, build(name, shape, axis, weights))
+    calls = {}
+    for name, layer in layers.items():
+        train, infer = train_step(layer), inference_step(layer)
+        calls[f"train/{name}"] = lambda train=train: train(x, dy)
+        calls[f"infer/{name}"] = lambda infer=infer: infer(x)
+    calls.update(copiers(x))
+    for fn in calls.values():  # trace and warm up
+        fn()
+    repeats = calibrate(calls["train/keras"], budget_s)
+    medians = interleaved_medians(calls, rounds, repeats)
+    copy_s = min(medians.pop("copy_numpy"), medians.pop("copy_tf"))
+    nbytes = x.numpy().nbytes
+    return {
+        "shape": list(shape),
+        "axis": axis,
+        "formulation": formulation(shape, axis),
+        "tf_keras_fused": bool(getattr(layers["tf_keras"], "fused", False)),
+        "copy_bandwidth_GBps": 2 * nbytes / copy_s / 1e9,
+        "floor_s": {
+            "train": TRAIN_PASSES / 2 * copy_s,
+            "infer": INFER_PASSES / 2 * copy_s,
+        },
+        "median_s": medians,
+    }
+
+
+def table(results: list[dict], memory: dict | None) -> str:
+    header = [
+        "shape (axis)",
+        "step",
+        "kerasbn ms",
+        "Keras 3 ms",
+        "tf.keras ms",
+        "vs Keras 3",
+        "vs tf.keras",
+        "floor ms",
+        "% floor kerasbn / Keras 3 / tf.keras",
+    ]
+    rows = []
+    for r in results:
+        label = f"{tuple(r['shape'])} ({r['axis']})"
+        for step in ("train", "infer"):
+            t = {name: r["median_s"][f"{step}/{name}"] for name in CONTENDERS}
+            floor = r["floor_s"][step]
+            note = f" [{r['formulation']}]" if step == "train" else ""
+            rows.append(
+                [
+                    label + note,
+                    step,
+                    f"{t['kerasbn'] * 1e3:.3f}",
+                    f"{t['keras'] * 1e3:.3f}",
+                    f"{t['tf_keras'] * 1e3:.3f}",
+                    f"{t['keras'] / t['kerasbn']:.2f}x",
+                    f"{t['tf_keras'] / t['kerasbn']:.2f}x",
+                    f"{floor * 1e3:.3f}",
+                    " / ".join(f"{100 * floor / t[n]:.0f}%" for n in CONTENDERS),
+                ]
+            )
+    text = markdown_table(header, rows)
+    if memory:
+        mem_rows = []
+        for (shape, axis), m in memory.items():
+            steps = {n: m[n]["step_rss_mb"] for n in CONTENDERS}
+            mem_rows.append(
+                [
+                    f"{tuple(shape)} ({axis})",
+                    *(f"{steps[n]:.0f}" for n in CONTENDERS),
+                    f"{steps['kerasbn'] - steps['keras']:+.0f}",
+                ]
+            )
+        header = [
+            "shape (axis)",
+            *(f"{n} MiB" for n in CONTENDERS),
+            "kerasbn - Keras 3",
+        ]
+        text += "\n\nPeak RSS of three train steps above the RSS before them:\n\n"
+        text += markdown_table(header, mem_rows)
+    return text
+
+
+def rss_child(name: str, shape_text: str, axis_text: str) -> None:
+    """Child process: the memory of three train steps, printed as JSON."""
+    shape, axis = tuple(int(v) for v in shape_text.split(",")), int(axis_text)
+    rng = np.random.default_rng(0)  # NumPy: no TensorFlow buffers freed before
+    x, dy = (tf.constant(rng.standard_normal(shape, np.float32)) for _ in range(2))
+    step = train_step(build(name, shape, axis))
+    step.get_concrete_function(x, dy)  # trace before measuring
+
+    def run():
+        for _ in range(3):
+            step(x, dy)
+
+    print(json.dumps(step_memory_mb(run)))
+
+
+def parse_shapes(texts):
+    if not texts:
+        return SHAPES
+    wanted = {tuple(int(v) for v in t.split(",")) for t in texts}
+    return [(s, a) for s, a in SHAPES if s in wanted]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--budget", type=float, default=0.03, help="s per round")
+    parser.add_argument("--shapes", nargs="*", help="e.g. 32,24,24,10")
+    parser.add_argument("--memory", action="store_true", help="peak RSS per step")
+    parser.add_argument("--json", metavar="PATH", help="write the results here")
+    parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_child:
+        rss_child(*args.rss_child)
+        return
+    env = machine()
+    print(f"# {env}", flush=True)
+    results = []
+    for shape, axis in parse_shapes(args.shapes):
+        results.append(measure_shape(shape, axis, args.rounds, args.budget))
+        r = results[-1]
+        print(
+            f"{tuple(shape)} axis={axis}: "
+            + " ".join(f"{k}={v * 1e3:.3f}ms" for k, v in r["median_s"].items())
+            + f" copy {r['copy_bandwidth_GBps']:.1f} GB/s",
+            flush=True,
+        )
+    memory = None
+    if args.memory:
+        memory = {
+            (shape, axis): {
+                name: memory_in_child(
+                    __file__, [name, ",".join(map(str, shape)), str(axis)]
+                )
+                for name in CONTENDERS
+            }
+            for shape, axis in parse_shapes(args.shapes)
+        }
+    print(f"\n# load average at the end: {os.getloadavg()}")
+    print(table(results, memory))
+    payload = {"machine": env, "rounds": args.rounds, "results": results}
+    if memory:
+        payload["memory_mb"] = [
+            {"shape": list(s), "axis": a, **v} for (s, a), v in memory.items()
+        ]
+    write_json(args.json, payload)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

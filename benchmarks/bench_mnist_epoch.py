@@ -1,0 +1,169 @@
+"""One training epoch of the lecture's MNIST CNN: kerasbn vs Keras 3's BN vs no BN.
+
+The CNN is ``examples/lecture_cnn.py``'s: Conv2D(10, 5x5), BN, ReLU, max-pool,
+Conv2D(20, 5x5), BN, ReLU, max-pool, Flatten, Dense(100), BN, ReLU,
+Dense(10, softmax), on 28x28x1 inputs. Three variants with the same initial
+weights: with ``kerasbn.BatchNorm``, with ``keras.layers.BatchNormalization``
+(``kerasbn.to_keras`` of the first) and without BN.
+
+Each is compiled the same way (Adam, sparse categorical cross-entropy,
+accuracy) and warmed up, then each round times one ``model.fit`` epoch of
+every variant, in an order that rotates from round to round. The table shows
+the median epoch time and its ratio to the CNN without BN. ``--memory`` adds,
+for each variant in a fresh process, the peak RSS while ``fit`` trains 300
+steps (after tracing) above the RSS before it.
+
+The data are the 50,000 first MNIST training images (``examples/mnist_data.py``
+loads them offline), or with ``--synthetic`` a random tensor of the same shape:
+the timing does not depend on the pixel values.
+
+Run:
+    python benchmarks/bench_mnist_epoch.py --synthetic
+    python benchmarks/bench_mnist_epoch.py --synthetic --rounds 5 --memory \\
+        --json results/epoch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from harness import (  # noqa: E402
+    interleaved_medians,
+    machine,
+    markdown_table,
+    memory_in_child,
+    step_memory_mb,
+    write_json,
+)
+
+import kerasbn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from lecture_cnn import build_lecture_cnn  # noqa: E402
+
+VARIANTS = ("kerasbn", "keras", "no_bn")
+IMAGES = 50_000
+
+
+def build_variants(seed: int = 0) -> dict[str, keras.Model]:
+    """The three compiled CNNs, BN variants with identical weights."""
+    keras.utils.set_random_seed(seed)
+    with_bn = build_lecture_cnn(batch_norm=True)
+    models = {
+        "kerasbn": with_bn,
+        "keras": kerasbn.to_keras(with_bn),
+        "no_bn": build_lecture_cnn(batch_norm=False),
+    }
+    for model in models.values():
+        model.compile(
+            optimizer="adam",
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+    return models
+
+
+def load_data(synthetic: bool, images: int):
+    """``(x, y)``: images (N, 28, 28, 1) float32 in [0, 1], labels int32."""
+    if synthetic:
+        rng = np.random.default_rng(0)
+        x = rng.random((images, 28, 28, 1), dtype=np.float32)
+        return x, rng.integers(0, 10, images).astype("int32")
+    from mnist_data import load_mnist
+
+    data = load_mnist(limit=images)
+    return data.x_train[..., None], data.y_train
+
+
+def epoch(model: keras.Model, x, y, batch_size: int):
+    """A callable that trains ``model`` for one epoch of ``(x, y)``."""
+    return lambda: model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
+
+
+def rss_child(variant: str, batch_size: str, steps: str) -> None:
+    """Child process: the memory of ``steps`` training steps, printed as JSON.
+
+    The train function is traced on two batches first, so that the figure
+    counts the tensors of training rather than the building of the graph.
+    """
+    model = build_variants()[variant]
+    batch_size = int(batch_size)
+    x, y = load_data(True, batch_size * int(steps))
+    warm = 2 * batch_size
+    model.fit(x[:warm], y[:warm], batch_size=batch_size, epochs=1, verbose=0)
+    print(json.dumps(step_memory_mb(epoch(model, x, y, batch_size))))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--synthetic", action="store_true", help="random images")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=int, default=IMAGES)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--memory", action="store_true", help="peak RSS per variant")
+    parser.add_argument("--json", metavar="PATH", help="write the results here")
+    parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_child:
+        rss_child(*args.rss_child)
+        return
+    env = machine()
+    print(f"# {env}", flush=True)
+    x, y = load_data(args.synthetic, args.images)
+    models = build_variants()
+    warm = 20 * args.batch
+    for model in models.values():  # trace the train function once
+        model.fit(x[:warm], y[:warm], batch_size=args.batch, epochs=1, verbose=0)
+    start = time.perf_counter()
+    medians = interleaved_medians(
+        {name: epoch(m, x, y, args.batch) for name, m in models.items()},
+        args.rounds,
+    )
+    print(f"# {time.perf_counter() - start:.0f} s; load average {os.getloadavg()}")
+    memory = None
+    if args.memory:
+        memory = {
+            name: memory_in_child(__file__, [name, str(args.batch), "300"])
+            for name in VARIANTS
+        }
+    rows = [
+        [
+            name,
+            f"{medians[name]:.2f}",
+            f"{medians[name] / medians['no_bn']:.2f}x",
+            f"{1e3 * medians[name] * args.batch / len(x):.2f}",
+            f"{memory[name]['step_rss_mb']:.0f}" if memory else "-",
+        ]
+        for name in VARIANTS
+    ]
+    header = ["variant", "epoch s", "vs no BN", "ms / step", "training RSS MiB"]
+    print(
+        f"\n{len(x)} images{' (synthetic)' if args.synthetic else ''}, "
+        f"batch {args.batch}, median of {args.rounds} interleaved rounds\n"
+    )
+    print(markdown_table(header, rows))
+    write_json(
+        args.json,
+        {
+            "machine": env,
+            "images": len(x),
+            "batch": args.batch,
+            "synthetic": args.synthetic,
+            "rounds": args.rounds,
+            "epoch_s": medians,
+            "memory_mb": memory,
+        },
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

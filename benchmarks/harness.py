@@ -1,0 +1,169 @@
+"""Timing helpers shared by the kerasbn benchmark scripts.
+
+Contenders are timed in interleaved rounds: every round runs each contender
+once, in an order that rotates from round to round, so that a slow spell of a
+shared machine hits all of them alike. The scripts report medians over rounds.
+
+Example:
+    >>> medians = interleaved_medians({"a": lambda: None, "b": lambda: None}, 3)
+    >>> sorted(medians)
+    ['a', 'b']
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+
+def interleaved_medians(
+    contenders: Mapping[str, Callable[[], object]], rounds: int, repeats: int = 1
+) -> dict[str, float]:
+    """Median seconds per call of each contender over interleaved rounds.
+
+    Args:
+        contenders: name -> a callable that runs one call to completion.
+        rounds: the number of rounds.
+        repeats: calls per contender per round; a round's time is their mean.
+
+    Returns:
+        name -> median seconds per call.
+    """
+    names = list(contenders)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            for _ in range(repeats):
+                contenders[name]()
+            times[name].append((time.perf_counter() - start) / repeats)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What the figures were measured on, for the log and the JSON file."""
+    import keras
+    import tensorflow as tf
+
+    return {
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+    }
+
+
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux) in MiB, or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float:
+    """This process's resident set size now, in MiB."""
+    current = _status_mb("VmRSS")
+    return peak_rss_mb() if current is None else current
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size since the last reset, in MiB."""
+    peak = _status_mb("VmHWM")
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak
+
+
+def reset_peak_rss() -> None:
+    """Restarts the peak RSS from the current RSS (Linux >= 4.0; else no-op)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def release_free_memory() -> None:
+    """Returns the C heap's free memory to the system (glibc; else no-op)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def step_memory_mb(run: Callable[[], object]) -> dict[str, float]:
+    """Peak RSS while ``run()`` runs: absolute, and above the RSS before it.
+
+    Free heap memory is returned to the system first, so that the difference
+    counts what ``run`` needs rather than what earlier allocations left behind.
+    """
+    release_free_memory()
+    before = rss_mb()
+    reset_peak_rss()
+    run()
+    peak = peak_rss_mb()
+    return {"peak_rss_mb": round(peak, 1), "step_rss_mb": round(peak - before, 1)}
+
+
+def memory_in_child(script: str, args: Sequence[str]) -> dict[str, float]:
+    """Runs ``script --rss-child *args`` in a fresh process; returns its memory.
+
+    The child must print, as its last line, the JSON of :func:`step_memory_mb`.
+    """
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(
+        [sys.executable, script, "--rss-child", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table of ``rows`` under ``header``.
+
+    Example:
+        >>> print(markdown_table(["a", "b"], [[1, 2]]))
+        | a | b |
+        |---|---|
+        | 1 | 2 |
+    """
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    """Writes ``payload`` to ``path`` (no-op for None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {path}")
