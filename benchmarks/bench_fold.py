@@ -15,18 +15,14 @@ speed-up against each BN variant.
 
 Run:
     python benchmarks/bench_fold.py
-    python benchmarks/bench_fold.py --rounds 31 --json > results/bench_fold.json
+    python benchmarks/bench_fold.py --rounds 31 --json results/bench_fold.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from harness import interleaved_medians, machine, markdown_table, write_json  # noqa: E402
 
 import kerasbn  # noqa: E402
 
@@ -99,24 +96,11 @@ def max_relative_difference(models: dict[str, keras.Model], x) -> float:
     return max(float(np.max(np.abs(y - outputs[0])) / scale) for y in outputs[1:])
 
 
-def seconds_per_call(model: keras.Model, x, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        model.predict_on_batch(x)
-    return (time.perf_counter() - start) / calls
-
-
 def measure(models: dict[str, keras.Model], x, rounds: int, calls: int) -> dict:
     """Median seconds per ``predict_on_batch(x)`` call of each variant."""
-    names = list(models)
-    for model in models.values():  # trace and warm up
-        seconds_per_call(model, x, 3)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
-            times[name].append(seconds_per_call(models[name], x, calls))
-    return {name: statistics.median(t) for name, t in times.items()}
+    contenders = {name: lambda m=m: m.predict_on_batch(x) for name, m in models.items()}
+    interleaved_medians(contenders, rounds=1, repeats=3)  # trace and warm up
+    return interleaved_medians(contenders, rounds, repeats=calls)
 
 
 def bench_model(name: str, args: argparse.Namespace) -> dict:
@@ -141,36 +125,35 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     }
 
 
-def print_table(results: list[dict], meta: dict) -> None:
-    print(
-        f"predict_on_batch, medians of {meta['rounds']} interleaved rounds; "
-        f"batch 1 latency, batch {meta['batch']} throughput; "
-        f"TF {meta['tensorflow']}, Keras {meta['keras']}, {meta['cpus']} CPUs, "
-        f"load {meta['load_before']:.2f}->{meta['load_after']:.2f}"
-    )
-    header = (
-        f"{'model':<13} {'variant':<11} {'params':>7} {'latency ms':>11} "
-        f"{'samples/s':>10} {'fold speed-up lat/thr':>22}"
-    )
-    print(header)
-    print("-" * len(header))
+def table(results: list[dict]) -> str:
+    """Markdown table: medians per variant and the folded model's speed-ups."""
+    header = [
+        "model",
+        "variant",
+        "params",
+        "batch-1 latency (ms)",
+        "samples/s",
+        "fold speed-up (latency / throughput)",
+    ]
+    rows = []
     for res in results:
         for v in VARIANTS:
             speedup = (
-                f"{res['speedup_latency'][v]:.2f}x / "
-                f"{res['speedup_throughput'][v]:.2f}x"
+                f"{res['speedup_latency'][v]:.2f}x / {res['speedup_throughput'][v]:.2f}x"
                 if v in res["speedup_latency"]
-                else ""
+                else "-"
             )
-            print(
-                f"{res['model']:<13} {v:<11} {res['params'][v]:>7} "
-                f"{res['latency_ms'][v]:>11.3f} {res['throughput_per_s'][v]:>10.0f} "
-                f"{speedup:>22}"
+            rows.append(
+                [
+                    res["model"],
+                    v,
+                    res["params"][v],
+                    f"{res['latency_ms'][v]:.3f}",
+                    f"{res['throughput_per_s'][v]:.0f}",
+                    speedup,
+                ]
             )
-        print(
-            f"{'':<13} largest relative difference between variants: "
-            f"{res['max_relative_difference']:.1e}"
-        )
+    return markdown_table(header, rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -185,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=128, help="throughput batch size")
     parser.add_argument("--threads", type=int, default=None, help="TF intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print JSON, not a table")
+    parser.add_argument("--json", metavar="PATH", help="write the results here")
     return parser.parse_args(argv)
 
 
@@ -193,22 +176,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    meta = {
-        "rounds": args.rounds,
-        "calls": args.calls,
-        "batch": args.batch,
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "load_before": os.getloadavg()[0],
-    }
+    env = machine()
+    print(f"# {env}", flush=True)
     results = [bench_model(name, args) for name in args.models]
-    meta["load_after"] = os.getloadavg()[0]
-    if args.json:
-        print(json.dumps({"meta": meta, "results": results}, indent=2))
-    else:
-        print_table(results, meta)
+    print(
+        f"# predict_on_batch, medians of {args.rounds} interleaved rounds; batch 1 "
+        f"latency, batch {args.batch} throughput; load average at the end: "
+        f"{os.getloadavg()}"
+    )
+    print(table(results))
+    for res in results:
+        print(
+            f"# {res['model']}: largest relative difference between variants "
+            f"{res['max_relative_difference']:.1e}"
+        )
+    settings = {k: getattr(args, k) for k in ("rounds", "calls", "batch", "threads")}
+    write_json(args.json, {"machine": env, "settings": settings, "results": results})
 
 
 if __name__ == "__main__":
