@@ -377,6 +377,18 @@ def test_float16_inputs_near_6e4_give_finite_float32_statistics(rng, force_path,
 
 
 # ------------------------------------------------------------- fit and export
+@pytest.mark.parametrize("path", ["fused", "composite", "widened"])
+def test_fit_compiled_with_xla_matches_numpy(rng, force_path, path):
+    force_path(path)
+    model = keras.Sequential([keras.Input((4, 4, 8)), kerasbn.BatchNorm(momentum=0.0)])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", jit_compile=True)
+    x = rng.normal(3.0, 2.0, (16, 4, 4, 8)).astype("float32")
+    model.fit(x, np.zeros_like(x), batch_size=16, verbose=0)
+    mean, var = np_moments(x, [3])
+    np.testing.assert_allclose(model.layers[0].moving_mean, mean.ravel(), **TOL)
+    np.testing.assert_allclose(model.layers[0].moving_variance, var.ravel(), **TOL)
+
+
 def test_fit_export_and_tflite_with_the_fused_kernel(rng, tmp_path):
     inputs = keras.Input((32, 32, 16))  # 32 * 16384 elements: the fused kernel
     assert tf_backend.formulation((None, 32, 32, 16), [0, 1, 2], 1e-3) == "fused"

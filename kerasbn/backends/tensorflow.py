@@ -17,10 +17,10 @@ call from the static shape (see :func:`formulation`):
   biased variance that the moving average takes. Where a channel's mean is
   more than ``FAR_MEAN`` spreads from zero, one more pass over the input
   removes the rounding of the kernel's float32 mean from the statistics.
-* ``"composite"``: one ``tf.custom_gradient`` of 13 large ops: forward a sum,
-  a subtraction, two sums (plain and of squares), a multiply and an add;
-  backward the sums of ``dy`` and ``dy * (x - mean)`` and four more
-  element-wise ops. Reductions run over contiguous axes first. Channels-last
+* ``"composite"``: one ``tf.custom_gradient`` of 14 large ops: forward the
+  sums of ``x``, of ``x - mean`` and of its square, the subtraction, the
+  square, a multiply and an add; backward the sums of ``dy`` and
+  ``dy * (x - mean)`` and five element-wise ops. Reductions run over contiguous axes first. Channels-last
   inputs with fewer than 64 channels are viewed as ``(rows / k, k * C)`` with
   ``k * C`` a multiple of 16, which halves the cost of broadcasting
   per-channel vectors for channel counts such as 10 or 20.
@@ -278,8 +278,12 @@ class _Layout:
         return self._reduce(tf.reduce_sum, t)
 
     def sum_of_squares(self, t):
-        """The squares of ``t`` summed to a vector."""
-        return tf.square(self._reduce(tf.math.reduce_euclidean_norm, t))
+        """The squares of ``t`` summed to a vector.
+
+        (``tf.math.reduce_euclidean_norm`` would save an op but has no XLA
+        kernel, and Keras compiles train steps with XLA on GPUs.)
+        """
+        return self.sum(tf.square(t))
 
     def _reduce(self, reduction, t):
         if self.k > 1:
@@ -324,9 +328,9 @@ def _fused_view(x, view: _View):
 def _composite_batch_normalize(x, view: _View, gamma, beta, epsilon: float):
     """BN of ``x`` with its own statistics as one ``tf.custom_gradient``.
 
-    Forward: a sum, a subtraction, two sums (plain and of squares), a multiply
-    and an add. Backward: the sums of ``dy`` and ``dy * (x - mean)`` and four
-    more element-wise ops. The mean is the float32 mean plus the mean of the
+    Forward: the sums of ``x``, of ``x - mean`` and of its square, the
+    subtraction, the square, a multiply and an add. Backward: the sums of
+    ``dy`` and ``dy * (x - mean)`` and five element-wise ops. The mean is the float32 mean plus the mean of the
     differences from it, which recovers its rounding: the statistics stay
     exact where the mean is large compared with the spread, as with the
     shifted moments of :mod:`kerasbn.ops`. Returns ``(y, mean, variance)`` in
