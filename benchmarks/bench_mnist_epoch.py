@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from harness import (  # noqa: E402
-    interleaved_medians,
+    interleaved_times,
     machine,
     markdown_table,
     memory_in_child,
@@ -120,14 +121,14 @@ def main(argv=None) -> None:
     print(f"# {env}", flush=True)
     x, y = load_data(args.synthetic, args.images)
     models = build_variants()
-    warm = 20 * args.batch
-    for model in models.values():  # trace the train function once
-        model.fit(x[:warm], y[:warm], batch_size=args.batch, epochs=1, verbose=0)
+    for model in models.values():  # trace; feed the whole array once
+        model.fit(x, y, batch_size=args.batch, steps_per_epoch=20, verbose=0)
     start = time.perf_counter()
-    medians = interleaved_medians(
+    times = interleaved_times(
         {name: epoch(m, x, y, args.batch) for name, m in models.items()},
         args.rounds,
     )
+    medians = {name: statistics.median(t) for name, t in times.items()}
     print(f"# {time.perf_counter() - start:.0f} s; load average {os.getloadavg()}")
     memory = None
     if args.memory:
@@ -160,6 +161,7 @@ def main(argv=None) -> None:
             "synthetic": args.synthetic,
             "rounds": args.rounds,
             "epoch_s": medians,
+            "epoch_s_by_round": times,
             "memory_mb": memory,
         },
     )

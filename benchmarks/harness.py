@@ -24,10 +24,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 
-def interleaved_medians(
+def interleaved_times(
     contenders: Mapping[str, Callable[[], object]], rounds: int, repeats: int = 1
-) -> dict[str, float]:
-    """Median seconds per call of each contender over interleaved rounds.
+) -> dict[str, list[float]]:
+    """Seconds per call of each contender in every one of interleaved rounds.
 
     Args:
         contenders: name -> a callable that runs one call to completion.
@@ -35,7 +35,7 @@ def interleaved_medians(
         repeats: calls per contender per round; a round's time is their mean.
 
     Returns:
-        name -> median seconds per call.
+        name -> the seconds per call of each round, in round order.
     """
     names = list(contenders)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -45,6 +45,14 @@ def interleaved_medians(
             for _ in range(repeats):
                 contenders[name]()
             times[name].append((time.perf_counter() - start) / repeats)
+    return times
+
+
+def interleaved_medians(
+    contenders: Mapping[str, Callable[[], object]], rounds: int, repeats: int = 1
+) -> dict[str, float]:
+    """Median seconds per call of each contender (see :func:`interleaved_times`)."""
+    times = interleaved_times(contenders, rounds, repeats)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
