@@ -1,9 +1,10 @@
 """The TensorFlow fast path against NumPy, the Keras peer layer and finite differences.
 
-Every numeric test runs the layer three ways: with the fast path's two
-formulations forced ("fused" kernel, "composite" custom gradient) and with the
-fast path switched off ("generic", kerasbn.ops). All three are held to the same
-independent references, so the fast path gives the generic path's numbers.
+Every numeric test runs the layer four ways: with the fast path's
+formulations forced ("fused" kernel; "composite" custom gradient, also on its
+"widened" view) and with the fast path switched off ("generic", kerasbn.ops).
+All are held to the same independent references, so the fast path gives the
+generic path's numbers.
 """
 
 import keras
@@ -389,6 +390,7 @@ def test_fit_compiled_with_xla_matches_numpy(rng, force_path, path):
     np.testing.assert_allclose(model.layers[0].moving_variance, var.ravel(), **TOL)
 
 
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
 def test_fit_export_and_tflite_with_the_fused_kernel(rng, tmp_path):
     inputs = keras.Input((32, 32, 16))  # 32 * 16384 elements: the fused kernel
     assert tf_backend.formulation((None, 32, 32, 16), [0, 1, 2], 1e-3) == "fused"
