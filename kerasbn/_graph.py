@@ -169,3 +169,19 @@ def sole_consumer_pairs(model) -> list[tuple]:
         if len(calls[producer]) == 1:
             pairs.append((model.get_layer(producer), model.get_layer(name)))
     return pairs
+
+
+def layers_called_with(model, argument: str, value) -> list[str]:
+    """Names of the layers that a functional ``model`` (or a nested one) calls
+    with the keyword ``argument`` set to ``value``, e.g. ``training=True``."""
+    names = []
+    for m in graph_models(model):
+        if isinstance(m, keras.Sequential):
+            continue
+        for entry in m.get_config()["layers"]:
+            if any(
+                node.get("kwargs", {}).get(argument, object()) == value
+                for node in entry["inbound_nodes"]
+            ):
+                names.append(entry["name"])
+    return names

@@ -152,6 +152,15 @@ def _folded(producer, bn):
     return layer
 
 
+def _find_layer(model, name: str):
+    """The layer called ``name`` in ``model`` or a model nested in it."""
+    for m in _graph.graph_models(model):
+        for layer in m.layers:
+            if layer.name == name:
+                return layer
+    return None
+
+
 def fold_batch_norms(model: keras.Model) -> keras.Model:
     """A new inference model with every batch normalization folded away.
 
@@ -191,6 +200,18 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
         True
     """
     _graph.check_model(model, "fold_batch_norms")
+    always_training = [
+        name
+        for name in _graph.layers_called_with(model, "training", True)
+        if isinstance(_find_layer(model, name), _BATCH_NORMS)
+    ]
+    if always_training:
+        raise ValueError(
+            "fold_batch_norms folds the moving statistics, but the BN layers "
+            f"{always_training} are called with training=True in the model's graph "
+            "and so use batch statistics even in predict(); folding would change "
+            "their outputs. Call them without training=True to fold them."
+        )
     uses = _graph.layer_uses(model)
     pairs = [
         (producer, bn)

@@ -316,3 +316,12 @@ def test_bench_fold_script_runs_and_its_variants_agree(tmp_path):
         assert result["max_relative_difference"] <= 1e-5
         assert result["params"]["folded"] < result["params"]["keras_bn"]
         assert set(result["speedup_latency"]) == {"kerasbn_bn", "keras_bn"}
+
+
+def test_bn_called_with_training_true_in_the_graph_is_refused():
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(4)(inputs)
+    outputs = kerasbn.BatchNorm(name="always_batch_stats")(hidden, training=True)
+    model = keras.Model(inputs, outputs)
+    with pytest.raises(ValueError, match=r"always_batch_stats.*training=True"):
+        kerasbn.fold_batch_norms(model)
