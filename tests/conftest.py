@@ -70,6 +70,17 @@ def train_call(layer, x, upstream):
     return y, tape.gradient(loss, [x] + layer.trainable_weights)
 
 
+def run_tflite(tflite_model: bytes, x):
+    """The output of a converted TFLite model on ``x`` (its batch size resized)."""
+    interpreter = tf.lite.Interpreter(model_content=tflite_model)
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, x)
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

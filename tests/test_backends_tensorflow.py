@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import np_batch_norm, np_moments, record
+from conftest import np_batch_norm, np_moments, record, run_tflite
 
 import kerasbn
 from kerasbn import backends
@@ -413,14 +413,5 @@ def test_fit_export_and_tflite_with_the_fused_kernel(rng, tmp_path):
     model.export(path, verbose=False)
     loaded = tf.saved_model.load(path)
     np.testing.assert_allclose(loaded.serve(tf.constant(x)), predicted, **TOL)
-    interpreter = tf.lite.Interpreter(
-        model_content=tf.lite.TFLiteConverter.from_saved_model(path).convert()
-    )
-    interpreter.resize_tensor_input(
-        interpreter.get_input_details()[0]["index"], x.shape
-    )
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
-    interpreter.invoke()
-    lite = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    lite = run_tflite(tf.lite.TFLiteConverter.from_saved_model(path).convert(), x)
     np.testing.assert_allclose(lite, predicted, rtol=1e-4, atol=1e-4)

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import record
+from conftest import record, run_tflite
 
 import kerasbn
 from kerasbn.fold import ChannelAffine
@@ -286,13 +286,7 @@ def test_export_and_tflite_of_folded_model_have_no_batch_norm_ops(tmp_path, rng)
     assert not [op for op in tflite_ops if "BATCH" in op or "RSQRT" in op], tflite_ops
 
     x = rng.normal(size=(3, 6, 6, 3)).astype("float32")
-    interpreter = tf.lite.Interpreter(model_content=tflite)
-    index = interpreter.get_input_details()[0]["index"]
-    interpreter.resize_tensor_input(index, x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(index, x)
-    interpreter.invoke()
-    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    out = run_tflite(tflite, x)
     expected = model.predict(x, verbose=0)
     np.testing.assert_allclose(
         out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import record
+from conftest import record, run_tflite
 
 import kerasbn
 
@@ -90,14 +90,7 @@ def test_saved_model_converts_to_tflite_and_matches(tmp_path, trained_model):
     path = str(tmp_path / "exported")
     model.export(path, verbose=False)
     tflite = tf.lite.TFLiteConverter.from_saved_model(path).convert()
-    interpreter = tf.lite.Interpreter(model_content=tflite)
-    interpreter.resize_tensor_input(
-        interpreter.get_input_details()[0]["index"], x.shape
-    )
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
-    interpreter.invoke()
-    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    out = run_tflite(tflite, x)
     expected = model.predict(x, verbose=0)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     record("TFLite vs predict", out, expected)
