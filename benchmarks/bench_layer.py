@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402  (the pip package itself: Keras 3 stays the default)
 from harness import (  # noqa: E402
+    add_output_flags,
     interleaved_medians,
     machine,
     markdown_table,
@@ -245,9 +246,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--budget", type=float, default=0.03, help="s per round")
     parser.add_argument("--shapes", nargs="*", help="e.g. 32,24,24,10")
-    parser.add_argument("--memory", action="store_true", help="peak RSS per step")
-    parser.add_argument("--json", metavar="PATH", help="write the results here")
-    parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
+    add_output_flags(parser, "peak RSS per step")
     args = parser.parse_args(argv)
     if args.rss_child:
         rss_child(*args.rss_child)

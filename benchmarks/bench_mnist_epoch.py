@@ -38,6 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from harness import (  # noqa: E402
+    add_output_flags,
     interleaved_times,
     machine,
     markdown_table,
@@ -110,9 +111,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images", type=int, default=IMAGES)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--memory", action="store_true", help="peak RSS per variant")
-    parser.add_argument("--json", metavar="PATH", help="write the results here")
-    parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
+    add_output_flags(parser, "peak RSS per variant")
     args = parser.parse_args(argv)
     if args.rss_child:
         rss_child(*args.rss_child)

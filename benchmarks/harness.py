@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import os
@@ -175,3 +176,11 @@ def write_json(path: str | None, payload: dict) -> None:
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)
         print(f"wrote {path}")
+
+
+def add_output_flags(parser, memory_help: str) -> None:
+    """Adds the flags every layer benchmark shares: --memory, --json and the
+    hidden --rss-child that runs one contender in a fresh process."""
+    parser.add_argument("--memory", action="store_true", help=memory_help)
+    parser.add_argument("--json", metavar="PATH", help="write the results here")
+    parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
