@@ -351,9 +351,7 @@ class BatchNorm(keras.layers.Layer):
             return outputs, *_average_groups(group_axis, mean, variance)
         local = bn_ops.sufficient_moments(x, axes, mask)
         if self.synchronized:
-            from kerasbn import sync
-
-            local = sync.global_moments(local)
+            local = backends.global_moments(local)
         pooled = _average_groups(group_axis, local.mean, local.variance)
         if self.renorm:
             gamma, beta = self._renorm_affine(*pooled, gamma, beta)

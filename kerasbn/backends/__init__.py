@@ -1,17 +1,31 @@
-"""Backend fast paths, chosen in one place.
+"""Backend fast paths and distribution engines, chosen in one place.
 
-Each backend module exposes the same ``batch_normalize`` and ``normalize`` as
-:mod:`kerasbn.ops` (which is the fallback everywhere) plus ``applies(x, axes,
-mask)``, which says whether it computes that call exactly.
+Each backend module (``kerasbn.backends.tensorflow``, ``.jax``, ``.torch``)
+exposes the same ``batch_normalize`` and ``normalize`` as :mod:`kerasbn.ops`
+(which is the fallback everywhere), ``applies(x, axes, mask)``, which says
+whether it computes that call exactly, and ``global_moments(local)``, which
+merges the per-replica moments over that backend's distribution engine.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
+from types import ModuleType
 
 import keras
 
 from kerasbn import ops
+
+_MODULES = ("tensorflow", "jax", "torch")
+
+
+def current() -> ModuleType | None:
+    """The backend module of the active Keras backend, or None if it has none."""
+    name = keras.backend.backend()
+    if name not in _MODULES:
+        return None
+    return importlib.import_module(f"kerasbn.backends.{name}")
 
 
 def implementation(x, axes: Sequence[int], mask=None):
@@ -23,15 +37,26 @@ def implementation(x, axes: Sequence[int], mask=None):
         mask: the broadcastable mask, or None.
 
     Returns:
-        A backend module when its ``applies`` accepts the call, else
-        :mod:`kerasbn.ops`.
+        The active backend's module when its ``applies`` accepts the call,
+        else :mod:`kerasbn.ops`.
     """
-    if keras.backend.backend() == "tensorflow":
-        from kerasbn.backends import tensorflow as tf_backend
-
-        if tf_backend.applies(x, axes, mask):
-            return tf_backend
+    module = current()
+    if module is not None and module.applies(x, axes, mask):
+        return module
     return ops
+
+
+def global_moments(local: ops.Moments) -> ops.Moments:
+    """The moments of the global batch, merged over the backend's engine.
+
+    Args:
+        local: this replica's (or process's) :class:`kerasbn.ops.Moments`.
+
+    Returns:
+        The merged moments; the local ones where nothing is distributed.
+    """
+    module = current()
+    return local if module is None else module.global_moments(local)
 
 
 def check_divisible(x, group_size: int):
@@ -53,8 +78,6 @@ def check_divisible(x, group_size: int):
         return x
     if keras.backend.backend() != "tensorflow":
         return x
-    import tensorflow as tf
+    from kerasbn.backends import tensorflow as tf_backend
 
-    check = tf.debugging.assert_equal(tf.shape(x)[0] % group_size, 0, message=message)
-    with tf.control_dependencies([check]):
-        return tf.identity(x)
+    return tf_backend.assert_divisible(x, group_size, message)

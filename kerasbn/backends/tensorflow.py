@@ -527,3 +527,47 @@ def _inference_view(x, mean) -> _View | None:
         return None
     channel_axes = [a for a in range(rank) if mean.shape[a] != 1]
     return _view(x.shape, channel_axes or [rank - 1])
+
+
+# ------------------------------------------------ synchronized statistics
+def global_moments(local: ops.Moments) -> ops.Moments:
+    """Merges the local moments of every tf.distribute replica in sync.
+
+    Each replica computes its shifted sufficient moments locally. One
+    ``all_gather`` (a single ``CollectiveGatherV2`` under the mirrored
+    strategies) brings every replica's moments to every replica, and
+    :func:`kerasbn.ops.combine_moments` merges them exactly (Chan et al.),
+    weighted by the counts, so uneven or empty replicas give the statistics of
+    the global batch. Every replica merges the same gathered tensor with the
+    same ops, so all get bit-identical statistics; gradients flow through
+    ``all_gather`` to every replica's inputs.
+
+    Args:
+        local: this replica's :class:`kerasbn.ops.Moments`; all fields have the
+            same shape on every replica.
+
+    Returns:
+        The moments of the global batch (the local ones where there is no
+        cross-replica context to merge over).
+
+    Example:
+        >>> m = ops.sufficient_moments(tf.ones((2, 3)), [0])
+        >>> global_moments(m).count.shape  # no strategy: the local moments
+        TensorShape([1, 3])
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return local
+    packed = tf.stack(list(local))[tf.newaxis]
+    gathered = context.all_gather(packed, axis=0)
+    # MirroredStrategy's all_gather returns a fully unknown shape, which
+    # tf.unstack cannot split; only the number of replicas is really unknown.
+    gathered = tf.ensure_shape(gathered, [None, *packed.shape[1:]])
+    return ops.combine_moments(ops.Moments(*tf.unstack(gathered, axis=1)))
+
+
+def assert_divisible(x, group_size: int, message: str):
+    """``x``, after an in-graph check that its batch size divides by ``group_size``."""
+    check = tf.debugging.assert_equal(tf.shape(x)[0] % group_size, 0, message=message)
+    with tf.control_dependencies([check]):
+        return tf.identity(x)
