@@ -10,12 +10,23 @@ generic path's numbers.
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from conftest import np_batch_norm, np_moments, record, run_tflite
+from conftest import (
+    np_batch_norm,
+    np_moments,
+    record,
+    run_tflite,
+    skip_module_unless_tensorflow,
+)
 
-import kerasbn
-from kerasbn import backends
-from kerasbn.backends import tensorflow as tf_backend
+skip_module_unless_tensorflow(
+    "these tests force and compare kerasbn/backends/tensorflow.py's formulations"
+)
+
+import tensorflow as tf  # noqa: E402
+
+import kerasbn  # noqa: E402
+from kerasbn import backends  # noqa: E402
+from kerasbn.backends import tensorflow as tf_backend  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -2,13 +2,11 @@
 
 import numpy as np
 import pytest
-from conftest import np_batch_norm, np_moments
+from conftest import np_batch_norm, np_moments, to_numpy
 
 from kerasbn import ops as bn_ops
 
-
-def _np(t):
-    return np.asarray(t)
+_np = to_numpy
 
 
 @pytest.mark.parametrize(

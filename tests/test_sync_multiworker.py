@@ -21,10 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
-from conftest import np_batch_norm, np_moments
+from conftest import np_batch_norm, np_moments, skip_module_unless_tensorflow
 
-import kerasbn
+skip_module_unless_tensorflow(
+    "workers synchronize through tf.distribute.MultiWorkerMirroredStrategy"
+)
+
+import tensorflow as tf  # noqa: E402
+
+import kerasbn  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
