@@ -33,10 +33,9 @@ def tensorflow_only(reason: str):
     )
 
 
-def skip_module_unless_tensorflow(reason: str) -> None:
-    """Skips the calling test module on other backends, before it imports TF."""
-    if BACKEND != "tensorflow":
-        pytest.skip(f"TensorFlow backend only: {reason}", allow_module_level=True)
+def not_on(backend: str, reason: str):
+    """Marks a test that cannot run on ``backend``, saying why."""
+    return pytest.mark.skipif(BACKEND == backend, reason=f"not on {backend}: {reason}")
 
 
 # Largest differences from the peer layers seen in this run, by measure name.

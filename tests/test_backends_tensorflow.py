@@ -11,16 +11,19 @@ import keras
 import numpy as np
 import pytest
 from conftest import (
+    BACKEND,
     np_batch_norm,
     np_moments,
     record,
     run_tflite,
-    skip_module_unless_tensorflow,
 )
 
-skip_module_unless_tensorflow(
-    "these tests force and compare kerasbn/backends/tensorflow.py's formulations"
-)
+if BACKEND != "tensorflow":
+    pytest.skip(
+        "TensorFlow backend only: these tests force and compare"
+        " kerasbn/backends/tensorflow.py's formulations",
+        allow_module_level=True,
+    )
 
 import tensorflow as tf  # noqa: E402
 

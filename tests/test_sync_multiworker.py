@@ -21,11 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import np_batch_norm, np_moments, skip_module_unless_tensorflow
+from conftest import BACKEND, np_batch_norm, np_moments
 
-skip_module_unless_tensorflow(
-    "workers synchronize through tf.distribute.MultiWorkerMirroredStrategy"
-)
+if BACKEND != "tensorflow":
+    pytest.skip(
+        "TensorFlow backend only: workers synchronize through"
+        " tf.distribute.MultiWorkerMirroredStrategy",
+        allow_module_level=True,
+    )
 
 import tensorflow as tf  # noqa: E402
 
