@@ -352,7 +352,8 @@ def test_stateless_call_returns_updated_statistics_and_leaves_the_layer():
     layer.build(x.shape)
     trainable = [v.value for v in layer.trainable_variables]
     frozen = [v.value for v in layer.non_trainable_variables]
-    y, new = layer.stateless_call(trainable, frozen, x, training=True)
+    x_tensor = keras.ops.convert_to_tensor(x)
+    y, new = layer.stateless_call(trainable, frozen, x_tensor, training=True)
     np.testing.assert_allclose(to_numpy(new[0]), 0.75 * x.mean(0), rtol=1e-5)
     np.testing.assert_allclose(to_numpy(new[1]), 0.25 + 0.75 * x.var(0), rtol=1e-5)
     np.testing.assert_allclose(
