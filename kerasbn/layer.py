@@ -199,7 +199,7 @@ class BatchNorm(keras.layers.Layer):
 
     # ------------------------------------------------------------------- call
     def call(self, inputs, training=None, mask=None):
-        mask = self._expanded_mask(inputs, mask)
+        mask = bn_ops.expand_mask(mask, inputs)
         if not self._uses_batch_statistics(training):
             outputs = self._normalize_with_moving_statistics(inputs)
         else:
@@ -331,19 +331,6 @@ class BatchNorm(keras.layers.Layer):
         if weight is None:
             return None
         return ops.reshape(weight, self._broadcast_shape)
-
-    def _expanded_mask(self, inputs, mask):
-        """``mask`` by Keras's rule, as a boolean tensor of the input's shape.
-
-        A mask of rank ``ndim - 1`` is expanded at the last axis (Keras's rule,
-        whatever the channel axes); one of rank ``ndim`` is taken as it is. It
-        is then broadcast to the input.
-        """
-        if mask is None:
-            return None
-        if _checks.mask_shape(mask.shape, inputs.shape):
-            mask = ops.expand_dims(mask, -1)
-        return ops.broadcast_to(ops.cast(mask, "bool"), ops.shape(inputs))
 
     def _check_batch_has_spread(self, inputs):
         sizes = [inputs.shape[a] for a in self._reduction_axes]
