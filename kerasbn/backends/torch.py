@@ -48,8 +48,8 @@ In inference the generic path also serves statistics that require a gradient
 (the kernel has none for them).
 
 Synchronized statistics: :func:`global_moments` merges each process's
-moments over ``torch.distributed`` (see there); the layer computes them with
-:mod:`kerasbn.ops`, as it does renormalization.
+moments over ``torch.distributed`` (see there); the layer computes the local
+moments and the output with :mod:`kerasbn.ops`, as it does renormalization.
 
 Example:
     >>> import torch
@@ -383,5 +383,64 @@ def _inference_view(x, mean, variance) -> _View | None:
 
 # ------------------------------------------------ synchronized statistics
 def global_moments(local: ops.Moments) -> ops.Moments:
-    """The local moments: synchronized statistics are not yet served here."""
-    return local
+    """Merges the local moments of every ``torch.distributed`` process.
+
+    With an initialized process group of more than one process, one
+    ``all_gather`` brings every process's shifted moments ``(count, shift,
+    offset, m2)`` to every process, and :func:`kerasbn.ops.combine_moments`
+    merges them exactly (Chan et al.), weighted by the counts, so uneven or
+    empty local batches give the statistics of the global batch. Every
+    process merges the same gathered tensor with the same ops, so all get
+    bit-identical statistics. The gather is differentiable: its backward
+    sums every process's gradient for each process's moments (one
+    ``all_reduce``), so each process gets the gradient of the global-batch
+    BN for its own inputs, as ``torch.nn.SyncBatchNorm`` gives. Every process
+    must call the layer the same number of times, as with any collective.
+
+    Args:
+        local: this process's :class:`kerasbn.ops.Moments`; all fields have
+            the same shape and dtype on every process.
+
+    Returns:
+        The moments of the global batch; the local ones without a process
+        group (or with one process), and on the "meta" device, where Keras
+        traces shapes.
+
+    Example:
+        >>> m = ops.sufficient_moments(torch.ones(2, 3), [0])
+        >>> tuple(global_moments(m).count.shape)  # no process group: local
+        (1, 3)
+    """
+    if not _distributed() or local.count.device.type == "meta":
+        return local
+    gathered = _AllGather.apply(torch.stack(list(local)))
+    return ops.combine_moments(ops.Moments(*gathered.unbind(1)))
+
+
+def _distributed() -> bool:
+    """Whether a process group of more than one process is initialized."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _AllGather(torch.autograd.Function):
+    """``(...) -> (world_size, ...)``: every process's tensor, in rank order.
+
+    Backward: the gradients of all processes for this process's slice,
+    summed by one ``all_reduce``.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        dist = torch.distributed
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor)
+        ctx.rank = dist.get_rank()
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank]
