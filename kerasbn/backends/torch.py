@@ -187,16 +187,19 @@ def _kernel_view(x, view: _View):
     x = x.to(_kernel_dtype(x))
     if view.layout == "channels_last":
         return x.movedim(-1, 1)
-    if view.layout == "rows":
-        return x.reshape(view.outer, view.channels)
-    return x.reshape(view.outer, view.channels, view.inner)
+    shape = (
+        (view.outer, view.channels)
+        if view.layout == "rows"
+        else (view.outer, view.channels, view.inner)
+    )
+    return x if x.shape == shape else x.reshape(shape)
 
 
 def _restore(y, shape, view: _View):
     """The kernel's output ``y`` back in the input's ``shape``."""
     if view.layout == "channels_last":
         return y.movedim(1, -1)
-    return y.reshape(shape)
+    return y if y.shape == shape else y.reshape(shape)
 
 
 def _statistics_shape(shape, view: _View) -> list[int]:
@@ -248,8 +251,7 @@ def _refine(xv, mean, variance):
     """
     if xv.device.type == "meta":
         return mean, variance
-    far = torch.any(mean * mean > FAR_MEAN**2 * variance)
-    if not far:
+    if not torch.gt(mean.square(), variance * FAR_MEAN**2).any():
         return mean, variance
     shape = [1] * xv.dim()
     shape[1] = -1
