@@ -253,5 +253,32 @@ def test_keras_batch_norm_on_torch_loses_the_variance_at_mean_1e3(rng):
     assert error.max() > 1e-3  # the cancellation this package avoids
 
 
+# ------------------------------------------------------------------ example
+def test_example_workers_agree_exactly_and_match_one_process(tmp_path):
+    # examples/distributed_sync_bn.py --backend torch, on a tiny model: 45
+    # samples in global batches of 8, so the last batch (5) splits 3 + 2.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        import distributed_torch
+        from distributed_sync_bn import LOCAL_SAMPLES, Config
+    finally:
+        sys.path.pop(0)
+    config = Config(
+        model="tiny", samples=45, batch_size=8, learning_rate=0.1, synthetic=True
+    )
+    workers = distributed_torch.launch_workers(config, 2, tmp_path, TIMEOUT_S)
+    single = distributed_torch.train(config)  # this process alone, plain BN
+    assert [int(w.pop(LOCAL_SAMPLES)) for w in workers] == [23, 22]
+    assert int(single.pop(LOCAL_SAMPLES)) == 45
+    assert workers[0].keys() == single.keys()
+    for name, value in single.items():
+        np.testing.assert_array_equal(workers[1][name], workers[0][name], err_msg=name)
+        np.testing.assert_allclose(
+            workers[0][name], value, rtol=1e-5, atol=1e-5, err_msg=name
+        )
+    # The moving statistics did move away from their initial values.
+    assert not np.allclose(single["first_bn_moving_variance"], 1.0)
+
+
 if __name__ == "__main__":
     _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
