@@ -487,3 +487,13 @@ def test_fit_of_a_functional_model_matches_numpy(rng, force_path, path):
     # x * scale + offset rounds to float32 near x * scale = 500: 3e-5
     expected = np_batch_norm(x, mean, var)
     np.testing.assert_allclose(predicted, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_scalar_gamma_and_beta_apply_to_every_channel(rng):
+    x = rng.normal(1.0, 2.0, (6, 5, 4)).astype("float32")
+    y, mean, var = torch_backend.batch_normalize(
+        torch.as_tensor(x), [0, 1], torch.tensor(1.5), 0.25, 1e-3
+    )
+    ref_mean, ref_var = np_moments(x, [2])
+    np.testing.assert_allclose(y, np_batch_norm(x, ref_mean, ref_var, 1.5, 0.25), **TOL)
+    np.testing.assert_allclose(var, ref_var, **TOL)

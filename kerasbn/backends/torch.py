@@ -211,10 +211,11 @@ def _channel_vector(value, view: _View, shape, dtype):
     """A broadcastable per-channel ``value`` as a ``(C,)`` vector, or None."""
     if value is None:
         return None
-    value = torch.as_tensor(value).to(dtype)
-    statistics_shape = _statistics_shape(shape, view)
-    if list(value.shape) != statistics_shape:
-        value = value.broadcast_to(statistics_shape)
+    if not isinstance(value, torch.Tensor):
+        value = torch.as_tensor(value)
+    value = value.to(dtype)
+    if value.numel() != view.channels:  # e.g. a scalar
+        value = value.broadcast_to(_statistics_shape(shape, view))
     return value.reshape(view.channels)
 
 
