@@ -1,7 +1,8 @@
-"""The torch backend's contenders and steps for the BN benchmarks.
+"""PyTorch contenders and steps for ``bench_layer.py --backend torch``.
 
-Imported by ``bench_layer.py --backend torch`` (with ``KERAS_BACKEND=torch``).
-Contenders:
+Every steps module (``steps_<backend>.py``) exposes the same names:
+``CONTENDERS``, ``PEERS``, ``to_tensor``, ``train_step``, ``inference_step``,
+``copy_step`` and ``formulation``. Contenders:
 
 * ``kerasbn``: ``kerasbn.BatchNorm``;
 * ``keras``: ``keras.layers.BatchNormalization``;
@@ -92,11 +93,13 @@ class TorchNNBatchNorm:
         return self.module(x.movedim(-1, 1)).movedim(1, -1)
 
 
-CONTENDERS: dict[str, Callable[[int], object]] = {
-    "kerasbn": lambda axis: kerasbn.BatchNorm(axis=axis),
-    "keras": lambda axis: keras.layers.BatchNormalization(axis=axis),
+CONTENDERS: dict[str, Callable[..., object]] = {
+    "kerasbn": kerasbn.BatchNorm,
+    "keras": keras.layers.BatchNormalization,
     "torch_nn": TorchNNBatchNorm,
 }
+# The contenders kerasbn is compared with, as printed in the table.
+PEERS = {"keras": "Keras 3", "torch_nn": "torch.nn"}
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -149,6 +152,17 @@ def inference_step(layer, shape) -> Callable[[torch.Tensor], object]:
         return y
 
     return step
+
+
+def copy_step(x: torch.Tensor) -> Callable[[], object]:
+    """A PyTorch copy of ``x`` into a ready buffer, for the bandwidth floor."""
+    target = torch.empty_like(x)
+
+    def copy():
+        target.copy_(x)
+        _synchronize()
+
+    return copy
 
 
 def formulation(shape, axis: int) -> str:
