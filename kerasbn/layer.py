@@ -193,10 +193,10 @@ class BatchNorm(keras.layers.Layer):
         self.renorm = bool(renorm)
         self.renorm_clipping = _check_renorm_clipping(renorm_clipping)
         self.renorm_momentum = _check_fraction("renorm_momentum", renorm_momentum)
-        if synchronized and keras.backend.backend() != "tensorflow":
+        if synchronized and keras.backend.backend() not in ("tensorflow", "jax"):
             raise ValueError(
-                "`synchronized=True` needs the TensorFlow backend; the backend is "
-                f"{keras.backend.backend()!r}."
+                "`synchronized=True` needs the TensorFlow or JAX backend; the "
+                f"backend is {keras.backend.backend()!r}."
             )
         self.synchronized = bool(synchronized)
         self.virtual_batch_size = _check_virtual_batch_size(
