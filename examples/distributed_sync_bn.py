@@ -21,6 +21,7 @@ step (``_maybe_symbolic_build`` reduces the ``(x, y)`` batch as one tensor).
 
 Run:
     python examples/distributed_sync_bn.py --workers 2
+    python examples/distributed_sync_bn.py --backend jax --workers 2
     python examples/distributed_sync_bn.py --workers 2 --synthetic --samples 640
 
 Example:
@@ -361,6 +362,12 @@ def report(results: list[dict], single: dict, single_reversed: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--backend",
+        choices=("tensorflow", "jax"),
+        default="tensorflow",
+        help="jax: --workers CPU devices under keras.distribution (distributed_jax.py)",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--model", choices=MODELS, default=Config.model)
     parser.add_argument("--samples", type=int, default=Config.samples)
@@ -379,6 +386,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.backend == "jax":
+        import distributed_jax
+
+        sys.exit(distributed_jax.main(args))
     config = Config(
         args.model,
         args.samples,
