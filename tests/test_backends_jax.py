@@ -163,9 +163,10 @@ def test_fast_path_is_selected_for_the_calls_it_claims(shape, axes, dtype):
         ((4, 5, 5, 8), [0, 2], "float32", False),  # channel axes [1, 3]
         ((2, 4, 5, 5, 8), [0, 2, 3], "float32", False),  # ghost-batch grouping
         ((4, 5), [], "float32", False),  # nothing to reduce
+        ((0, 5), [0], "float32", False),  # an empty batch
     ],
 )
-def test_fast_path_declines_masks_integers_and_split_channel_axes(
+def test_fast_path_declines_masks_integers_split_channel_axes_and_empty_batches(
     shape, axes, dtype, masked
 ):
     x = jnp.zeros(shape, dtype)

@@ -38,7 +38,7 @@ Declined (:func:`applies` is False and :mod:`kerasbn.ops` serves the call):
 * non-floating inputs;
 * channel axes that are not adjacent, e.g. ``axis=[1, 3]`` or the grouping of
   ghost batches;
-* an unknown rank or dimension, or no reduction axis.
+* an unknown rank or dimension, no reduction axis, or an empty batch.
 
 **Synchronized statistics.** Under ``keras.distribution`` (``DataParallel``,
 ``ModelParallel``, and several processes joined by ``jax.distributed``),
@@ -156,8 +156,8 @@ def applies(x, axes: Sequence[int], mask=None) -> bool:
         mask: the broadcastable mask, or None.
 
     Returns:
-        True for floating inputs of known shape without a mask whose channel
-        axes (those not in ``axes``) are adjacent.
+        True for non-empty floating inputs of known shape without a mask
+        whose channel axes (those not in ``axes``) are adjacent.
 
     Example:
         >>> x = jnp.zeros((8, 5, 3))
@@ -171,7 +171,8 @@ def applies(x, axes: Sequence[int], mask=None) -> bool:
         return False
     if keras.backend.standardize_dtype(x.dtype) not in DTYPES:
         return False
-    return _view(shape, axes) is not None
+    view = _view(shape, axes)
+    return view is not None and view.count > 0
 
 
 def formulation(shape: Sequence[int], axes: Sequence[int]) -> str:
