@@ -8,8 +8,8 @@ starts, so :func:`main` re-runs this file in a fresh Python with that flag and
 BN, trains with ``Model.fit`` under ``keras.distribution.DataParallel``: each
 global batch is split over the devices, and Keras compiles one SPMD program
 for all of them, in which the BN statistics (and the loss and gradients) are
-those of the global batch. Then the same model trains on one device, with
-plain BN, on the same global batches (``fit`` without a distribution).
+those of the global batch. Then the same model trains on one device on the
+same global batches (``fit`` without a distribution).
 
 Under SPMD the devices do not each own a model: the weights and moving
 statistics are one array replicated on every device. The script prints each
@@ -18,7 +18,9 @@ difference between the device copies (zero by construction), and the largest
 difference from the single device over the moving statistics and all
 weights. For scale it prints, as the TensorFlow version does, how far one
 device lands from itself when each batch's samples are merely reversed
-(float32 rounding, amplified by training).
+(float32 rounding, amplified by training), and how far it lands with
+``synchronized=False``, which on JAX takes the fast path: the same global
+statistics, computed by another float32 formulation.
 
 Run:
     python examples/distributed_sync_bn.py --backend jax --workers 2
@@ -52,18 +54,26 @@ def device_env(devices: int) -> dict[str, str]:
     }
 
 
-def train(config, devices: int = 1, reverse_batches: bool = False) -> list[dict]:
+def train(
+    config,
+    devices: int = 1,
+    reverse_batches: bool = False,
+    synchronized: bool = True,
+) -> list[dict]:
     """One epoch of ``fit`` over the data, on ``devices`` devices.
 
-    With more than one device, the model's BN layers are synchronized and
-    ``fit`` runs under ``keras.distribution.DataParallel`` over the first
-    ``devices`` devices; the loss of each step is the mean over the global
-    batch, as on one device.
+    With more than one device, ``fit`` runs under
+    ``keras.distribution.DataParallel`` over the first ``devices`` devices;
+    the loss of each step is the mean over the global batch, as on one
+    device.
 
     Args:
         config: a ``distributed_sync_bn.Config``: what to train.
         devices: how many devices to spread each batch over.
         reverse_batches: reverse the order of the samples inside each batch.
+        synchronized: give the BN layers ``synchronized=True``. On JAX that
+            computes the statistics with ``kerasbn.ops`` (global under SPMD
+            either way); False takes the JAX fast path.
 
     Returns:
         One dict per device: its copy of ``first_bn_moving_mean``,
@@ -90,7 +100,7 @@ def train(config, devices: int = 1, reverse_batches: bool = False) -> list[dict]
     if devices > 1:
         distribution = keras.distribution.DataParallel(devices=jax.devices()[:devices])
     with _distribution_scope(distribution), default_float(config.dtype):
-        model = synchronized_copy(base) if devices > 1 else base
+        model = synchronized_copy(base) if synchronized else base
         model.compile(
             optimizer=keras.optimizers.SGD(config.learning_rate),
             loss="sparse_categorical_crossentropy",
@@ -133,8 +143,18 @@ class _distribution_scope:
         keras.distribution.set_distribution(self.previous)
 
 
-def report(copies: list[dict], single: dict, single_reversed: dict) -> None:
-    """Prints every device's copy of the first BN's statistics and the differences."""
+def report(
+    copies: list[dict], single: dict, single_reversed: dict, single_fast: dict
+) -> None:
+    """Prints every device's copy of the first BN's statistics and the differences.
+
+    Args:
+        copies: each device's copy of the arrays after training on all devices.
+        single: one device, the same model (synchronized BN) and batches.
+        single_reversed: the same, with each batch's samples in reverse order:
+            its difference from ``single`` is the rounding floor of training.
+        single_fast: one device with ``synchronized=False`` (the JAX fast path).
+    """
     import numpy as np
     from distributed_sync_bn import max_difference
 
@@ -153,6 +173,11 @@ def report(copies: list[dict], single: dict, single_reversed: dict) -> None:
     print(
         "  for scale, one device against itself with each batch's samples "
         f"reversed: {floor:.3g}"
+    )
+    fast = max(max_difference(c, single_fast) for c in copies)
+    print(
+        "largest difference from one device with synchronized=False (the fast "
+        f"path, another float32 formulation): {fast:.3g}"
     )
 
 
@@ -192,7 +217,12 @@ def run_child(args: argparse.Namespace) -> None:
         flush=True,
     )
     copies = train(config, devices=args.workers)
-    report(copies, train(config)[0], train(config, reverse_batches=True)[0])
+    report(
+        copies,
+        train(config)[0],
+        train(config, reverse_batches=True)[0],
+        train(config, synchronized=False)[0],
+    )
 
 
 def main(args: argparse.Namespace | list[str] | None = None) -> int:

@@ -257,3 +257,30 @@ def test_two_processes_with_jax_distributed_give_global_statistics(tmp_path):
         )
     for name in ("moving_mean", "moving_variance"):
         np.testing.assert_array_equal(results[0][name], results[1][name])
+
+
+def test_distributed_example_trains_on_two_devices_like_one(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "distributed_sync_bn.py"),
+            "--backend=jax",
+            "--workers=2",
+            "--model=tiny",
+            "--samples=128",
+            "--batch-size=32",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = {
+        line.split(":")[0]: float(line.split(":")[1].split()[0])
+        for line in result.stdout.splitlines()
+        if line.startswith(("largest difference", "  for scale"))
+    }
+    assert lines["largest difference between the devices' copies"] == 0.0
+    # two devices against one on the same batches: float32 rounding only
+    assert lines["largest difference from one device on the same batches"] < 1e-5
