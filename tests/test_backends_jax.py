@@ -1,9 +1,11 @@
 """The JAX fast path against NumPy, the Keras peer layer and finite differences.
 
-Every numeric test runs the layer two ways: with the fast path ("fast", the
-``jax.custom_vjp`` of ``kerasbn.backends.jax``) and with it switched off
-("generic", kerasbn.ops). Both are held to the same independent references,
-so the fast path gives the generic path's numbers. Training calls run as
+Every numeric test runs the layer several ways: with the fast path's
+formulations forced (the ``jax.custom_vjp`` of ``kerasbn.backends.jax`` with
+"shifted" statistics, with "rough" ones that fall back on the shifted ones
+for far means, and "widened" to ``(rows / k, k * C)``) and with the fast path
+switched off ("generic", kerasbn.ops). All are held to the same independent
+references, so the fast path gives the generic path's numbers. Training calls run as
 Keras's JAX trainer runs them: ``stateless_call`` under ``jax.jit``, with
 gradients from ``jax.grad``.
 
@@ -56,7 +58,8 @@ CASES = [
     ("no_scale", (6, 5, 4, 8), dict(scale=False, epsilon=0.1)),
     ("4d_ten_channels", (8, 6, 5, 10), {}),
 ]
-PATHS = ["fast", "generic"]
+PATHS = ["shifted", "rough", "widened", "generic"]
+FAST_PATHS = PATHS[:-1]
 
 
 def _channel_axes(shape, axis):
@@ -66,7 +69,10 @@ def _channel_axes(shape, axis):
 
 def _cases_and_paths():
     for name, shape, kwargs in CASES:
+        channel_axes = _channel_axes(shape, kwargs.get("axis", -1))
         for path in PATHS:
+            if path == "widened" and channel_axes[-1] != len(shape) - 1:
+                continue  # channels-last inputs only
             yield pytest.param(shape, kwargs, path, id=f"{name}-{path}")
 
 
@@ -77,6 +83,12 @@ def force_path(monkeypatch):
     def force(path):
         if path == "generic":
             monkeypatch.setattr(jax_backend, "applies", lambda *args: False)
+            return
+        never = 1 << 62
+        rough = 0 if path in ("rough", "widened") else never
+        monkeypatch.setattr(jax_backend, "ROUGH_MIN_ELEMENTS", rough)
+        widen = 0 if path == "widened" else never
+        monkeypatch.setattr(jax_backend, "WIDEN_MIN_ELEMENTS", widen)
 
     return force
 
@@ -151,7 +163,7 @@ def test_fast_path_is_selected_for_the_calls_it_claims(shape, axes, dtype):
     x = jnp.zeros(shape, dtype)
     assert jax_backend.applies(x, axes)
     assert backends.implementation(x, axes) is jax_backend
-    assert jax_backend.formulation(shape, axes) == "custom_vjp"
+    assert jax_backend.formulation(shape, axes) != "generic"
 
 
 @pytest.mark.parametrize(
@@ -173,6 +185,25 @@ def test_fast_path_declines_masks_integers_split_channel_axes_and_empty_batches(
     mask = jnp.ones(shape[:-1] + (1,), "bool") if masked else None
     assert not jax_backend.applies(x, axes, mask)
     assert backends.implementation(x, axes, mask) is backends.ops
+
+
+@pytest.mark.parametrize(
+    "shape, axes, expected",
+    [
+        ((32, 56, 56, 64), [0, 1, 2], "rough"),
+        ((32, 28, 28, 256), [0, 1, 2], "rough"),
+        ((32, 64, 56, 56), [0, 2, 3], "rough"),  # channels first
+        ((32, 24, 24, 10), [0, 1, 2], "rough widened x8"),  # lecture CNN
+        ((32, 8, 8, 20), [0, 1, 2], "shifted widened x4"),
+        ((32, 100), [0], "shifted"),
+        ((3, 100), [0], "shifted"),
+        ((4, 5, 6), [1], "generic"),
+    ],
+)
+def test_formulation_is_rough_for_large_inputs_and_widened_for_few_channels(
+    shape, axes, expected
+):
+    assert jax_backend.formulation(shape, axes) == expected
 
 
 def test_fast_path_declines_inputs_without_a_known_shape():
@@ -358,7 +389,7 @@ def test_statistics_stay_exact_when_the_mean_dwarfs_the_spread(
         y, np_batch_norm(x, mean, var, epsilon=1e-5), rtol=1e-4, atol=1e-4
     )
     record(
-        "JAX output, mean 1e4 spread 1e-2 (fast)",
+        f"JAX output, mean 1e4 spread 1e-2 ({path})",
         y,
         np_batch_norm(x, mean, var, epsilon=1e-5),
     )
@@ -366,7 +397,35 @@ def test_statistics_stay_exact_when_the_mean_dwarfs_the_spread(
     np.testing.assert_allclose(grads[0], dx, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(grads[1], dgamma.ravel(), rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(grads[2], dbeta.ravel(), rtol=1e-5, atol=1e-4)
-    record("JAX dx, mean 1e4 spread 1e-2 (fast)", grads[0], dx)
+    record(f"JAX dx, mean 1e4 spread 1e-2 ({path})", grads[0], dx)
+
+
+@pytest.mark.parametrize("spreads", [0.5, 0.9, 1.1, 3.0])
+def test_rough_statistics_hold_float32_precision_near_the_far_mean_limit(
+    rng, force_path, spreads
+):
+    # The rough statistics come from the sums of x and x * x: their relative
+    # error grows like (1 + (mean / std)**2) * eps, at most about 1e-6 below
+    # FAR_MEAN spreads; beyond it the shifted statistics take over.
+    force_path("rough")
+    shape = (64, 16, 16, 8)
+    x = (spreads * jax_backend.FAR_MEAN + rng.standard_normal(shape)).astype("float32")
+    dy = rng.standard_normal(shape).astype("float32")
+    layer = kerasbn.BatchNorm(momentum=0.0)
+    y, grads = train_call(layer, x, dy)
+    mean, var = np_moments(x, [3])
+    np.testing.assert_allclose(layer.moving_mean, mean.ravel(), rtol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance, var.ravel(), rtol=5e-6)
+    record(
+        "JAX rough variance near FAR_MEAN (relative)",
+        layer.moving_variance / var.ravel(),
+        1.0,
+    )
+    np.testing.assert_allclose(y, np_batch_norm(x, mean, var), atol=1e-5)
+    dx, dgamma, dbeta = np_batch_norm_gradients(x, dy, 1.0, [3], 1e-3)
+    np.testing.assert_allclose(grads[0], dx, atol=1e-5 * np.max(np.abs(dx)))
+    np.testing.assert_allclose(grads[1], dgamma, atol=1e-5 * np.max(np.abs(dgamma)))
+    np.testing.assert_allclose(grads[2], dbeta, rtol=1e-5, atol=1e-3)
 
 
 # --------------------------------------------------------------- mixed precision
@@ -380,7 +439,7 @@ def test_mixed_precision_takes_the_fast_path_with_float32_statistics(
     layer = kerasbn.BatchNorm(dtype=policy, momentum=0.0)
     layer.build(shape)
     low = layer.compute_dtype
-    if path == "fast":
+    if path != "generic":
         assert backends.implementation(jnp.zeros(shape, low), [0, 1, 2]) is jax_backend
     x = jnp.asarray(rng.normal(3.0, 2.0, shape), low)
     dy = rng.normal(size=shape).astype("float32")
