@@ -1,20 +1,26 @@
-"""One BN layer, side by side: kerasbn, Keras 3 and tf.keras (fused), one process.
+"""One BN layer, side by side: kerasbn against its peers on one Keras backend.
 
-For each shape the three layers get the same weights and time two steps:
+``--backend tensorflow|jax|torch`` picks the backend (default
+``$KERAS_BACKEND``, else TensorFlow) and its contenders, defined in
+``steps_<backend>.py``: kerasbn, Keras 3's BN on that backend, and the
+backend's native peer (tf.keras's fused BN; ``flax.linen.BatchNorm``;
+``torch.nn.BatchNorm*d``). For each shape every contender gets the same
+weights and times two steps, compiled as that backend compiles (see the
+steps module):
 
-* **train**: forward and backward under ``tf.function``, with a fixed
-  upstream gradient (``output_gradients``); the step returns ``y`` and the
-  gradients with respect to ``x``, gamma and beta, and updates the moving
-  statistics;
-* **infer**: ``layer(x, training=False)`` under ``tf.function``.
+* **train**: forward and backward with a fixed upstream gradient, returning
+  ``y`` and the gradients with respect to ``x``, gamma and beta, and
+  updating the moving statistics;
+* **infer**: the layer in inference mode.
 
-Rounds are interleaved (the order rotates) and the table shows medians. The
-floor is what memory bandwidth allows: a train step must move at least 8
-tensors of ``x``'s size (forward: read x for the statistics, read x and write
-y; backward: read dy and x for the reductions, read both and write dx), and
-an inference call 2 (read x, write y). The bandwidth is that of copying ``x``
-(the faster of NumPy's ``copyto`` into a ready buffer and a TensorFlow copy),
-measured in the same rounds; "% floor" is floor time / measured time.
+Rounds are interleaved (the order rotates) and the table shows medians and
+kerasbn's speed-up over each peer (peer time / kerasbn time). The floor is
+what memory bandwidth allows: a train step must move at least 8 tensors of
+``x``'s size (forward: read x for the statistics, read x and write y;
+backward: read dy and x for the reductions, read both and write dx), and an
+inference call 2 (read x, write y). The bandwidth is that of copying ``x``
+(the faster of NumPy's ``copyto`` into a ready buffer and the backend's own
+copy), measured in the same rounds; "% floor" is floor time / measured time.
 
 ``--memory`` adds each contender's memory for the train step, each measured
 in a fresh process: the peak resident set size (RSS) during three steps, above
@@ -22,8 +28,9 @@ the RSS before them.
 
 Run:
     python benchmarks/bench_layer.py
+    python benchmarks/bench_layer.py --backend jax
     python benchmarks/bench_layer.py --rounds 21 --memory --json results/layer.json
-    python benchmarks/bench_layer.py --shapes 32,24,24,10 32,8,8,20
+    python benchmarks/bench_layer.py --backend torch --shapes 32,24,24,10 32,100
 """
 
 from __future__ import annotations
@@ -36,28 +43,27 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tf_keras  # noqa: E402  (the pip package itself: Keras 3 stays the default)
 from harness import (  # noqa: E402
+    add_backend_flag,
     add_output_flags,
     interleaved_medians,
     machine,
     markdown_table,
     memory_in_child,
+    select_backend,
     step_memory_mb,
     write_json,
 )
 
-import kerasbn  # noqa: E402
-from kerasbn import backends  # noqa: E402
+BACKEND = select_backend()
 
-CONTENDERS = {
-    "kerasbn": kerasbn.BatchNorm,
-    "keras": keras.layers.BatchNormalization,
-    "tf_keras": tf_keras.layers.BatchNormalization,
-}
+import importlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+steps = importlib.import_module(f"steps_{BACKEND}")
+CONTENDERS = steps.CONTENDERS
+
 # (shape, axis): the ResNet-like conv shapes, a dense layer, channels-first,
 # 3-D conv, and the lecture CNN's own three BN inputs.
 SHAPES = [
@@ -74,7 +80,12 @@ TRAIN_PASSES, INFER_PASSES = 8, 2
 
 
 def build(name: str, shape, axis: int, weights=None):
-    """A built layer of contender ``name`` (with ``weights`` if given)."""
+    """A built layer of contender ``name`` (with ``weights`` if given).
+
+    A steps module whose peers are not Keras layers defines its own ``build``.
+    """
+    if hasattr(steps, "build"):
+        return steps.build(name, shape, axis, weights)
     layer = CONTENDERS[name](axis=axis)
     layer.build(shape)
     if weights is not None:
@@ -82,44 +93,13 @@ def build(name: str, shape, axis: int, weights=None):
     return layer
 
 
-def train_step(layer):
-    """A ``tf.function``: forward + backward with a fixed upstream gradient."""
-
-    @tf.function
-    def step(x, dy):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True)
-        grads = tape.gradient(y, [x, *layer.trainable_weights], output_gradients=dy)
-        return y, grads
-
-    return step
-
-
-def inference_step(layer):
-    return tf.function(lambda x: layer(x, training=False))
-
-
-def formulation(shape, axis: int) -> str:
-    """How kerasbn computes a train step of this shape."""
-    axes = [a for a in range(len(shape)) if a != axis % len(shape)]
-    x = tf.zeros(shape)
-    if backends.implementation(x, axes) is backends.ops:
-        return "generic"
-    from kerasbn.backends import tensorflow as tf_backend
-
-    return tf_backend.formulation(x.shape, axes, 1e-3)
-
-
-def copiers(x: tf.Tensor):
-    """Two ways to copy ``x``: NumPy into a ready buffer, and TensorFlow."""
-    source = x.numpy()
-    target = np.empty_like(source)
-    tf_copy = tf.function(lambda t: tf.raw_ops.DeepCopy(x=t))
-    return {
-        "copy_numpy": lambda: np.copyto(target, source),
-        "copy_tf": lambda: tf_copy(x),
-    }
+def copiers(x_np, x):
+    """Ways to copy ``x``: NumPy into a ready buffer, and the backend's own."""
+    target = np.empty_like(x_np)
+    calls = {"copy_numpy": lambda: np.copyto(target, x_np)}
+    if hasattr(steps, "copy_step"):
+        calls["copy_backend"] = steps.copy_step(x)
+    return calls
 
 
 def calibrate(fn, budget_s: float) -> int:
@@ -133,29 +113,30 @@ def calibrate(fn, budget_s: float) -> int:
 def measure_shape(shape, axis: int, rounds: int, budget_s: float) -> dict:
     """Medians (seconds) of every contender's train and inference step."""
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.normal(0.5, 2.0, shape).astype("float32"))
-    dy = tf.constant(rng.normal(0.0, 1.0, shape).astype("float32"))
+    x_np = rng.normal(0.5, 2.0, shape).astype("float32")
+    x = steps.to_tensor(x_np)
+    dy = steps.to_tensor(rng.normal(0.0, 1.0, shape).astype("float32"))
     layers = {"kerasbn": build("kerasbn", shape, axis)}
     weights = layers["kerasbn"].get_weights()
     for name in CONTENDERS:
         layers.setdefault(name, build(name, shape, axis, weights))
     calls = {}
     for name, layer in layers.items():
-        train, infer = train_step(layer), inference_step(layer)
+        train = steps.train_step(layer, shape)
+        infer = steps.inference_step(layer, shape)
         calls[f"train/{name}"] = lambda train=train: train(x, dy)
         calls[f"infer/{name}"] = lambda infer=infer: infer(x)
-    calls.update(copiers(x))
+    calls.update(copiers(x_np, x))
     for fn in calls.values():  # trace and warm up
         fn()
     repeats = calibrate(calls["train/keras"], budget_s)
     medians = interleaved_medians(calls, rounds, repeats)
-    copy_s = min(medians.pop("copy_numpy"), medians.pop("copy_tf"))
-    nbytes = x.numpy().nbytes
+    copy_s = min(medians.pop(k) for k in list(medians) if k.startswith("copy_"))
+    nbytes = x_np.nbytes
     return {
         "shape": list(shape),
         "axis": axis,
-        "formulation": formulation(shape, axis),
-        "tf_keras_fused": bool(getattr(layers["tf_keras"], "fused", False)),
+        "formulation": steps.formulation(shape, axis),
         "copy_bandwidth_GBps": 2 * nbytes / copy_s / 1e9,
         "floor_s": {
             "train": TRAIN_PASSES / 2 * copy_s,
@@ -166,16 +147,14 @@ def measure_shape(shape, axis: int, rounds: int, budget_s: float) -> dict:
 
 
 def table(results: list[dict], memory: dict | None) -> str:
+    peers = list(steps.PEERS)
     header = [
         "shape (axis)",
         "step",
-        "kerasbn ms",
-        "Keras 3 ms",
-        "tf.keras ms",
-        "vs Keras 3",
-        "vs tf.keras",
+        *(f"{name} ms" for name in CONTENDERS),
+        *(f"vs {label}" for label in steps.PEERS.values()),
         "floor ms",
-        "% floor kerasbn / Keras 3 / tf.keras",
+        "% floor " + " / ".join(CONTENDERS),
     ]
     rows = []
     for r in results:
@@ -188,11 +167,8 @@ def table(results: list[dict], memory: dict | None) -> str:
                 [
                     label + note,
                     step,
-                    f"{t['kerasbn'] * 1e3:.3f}",
-                    f"{t['keras'] * 1e3:.3f}",
-                    f"{t['tf_keras'] * 1e3:.3f}",
-                    f"{t['keras'] / t['kerasbn']:.2f}x",
-                    f"{t['tf_keras'] / t['kerasbn']:.2f}x",
+                    *(f"{t[n] * 1e3:.3f}" for n in CONTENDERS),
+                    *(f"{t[p] / t['kerasbn']:.2f}x" for p in peers),
                     f"{floor * 1e3:.3f}",
                     " / ".join(f"{100 * floor / t[n]:.0f}%" for n in CONTENDERS),
                 ]
@@ -201,12 +177,12 @@ def table(results: list[dict], memory: dict | None) -> str:
     if memory:
         mem_rows = []
         for (shape, axis), m in memory.items():
-            steps = {n: m[n]["step_rss_mb"] for n in CONTENDERS}
+            rss = {n: m[n]["step_rss_mb"] for n in CONTENDERS}
             mem_rows.append(
                 [
                     f"{tuple(shape)} ({axis})",
-                    *(f"{steps[n]:.0f}" for n in CONTENDERS),
-                    f"{steps['kerasbn'] - steps['keras']:+.0f}",
+                    *(f"{rss[n]:.0f}" for n in CONTENDERS),
+                    f"{rss['kerasbn'] - rss['keras']:+.0f}",
                 ]
             )
         header = [
@@ -222,10 +198,10 @@ def table(results: list[dict], memory: dict | None) -> str:
 def rss_child(name: str, shape_text: str, axis_text: str) -> None:
     """Child process: the memory of three train steps, printed as JSON."""
     shape, axis = tuple(int(v) for v in shape_text.split(",")), int(axis_text)
-    rng = np.random.default_rng(0)  # NumPy: no TensorFlow buffers freed before
-    x, dy = (tf.constant(rng.standard_normal(shape, np.float32)) for _ in range(2))
-    step = train_step(build(name, shape, axis))
-    step.get_concrete_function(x, dy)  # trace before measuring
+    rng = np.random.default_rng(0)  # NumPy: no backend buffers freed before
+    x, dy = (steps.to_tensor(rng.standard_normal(shape, np.float32)) for _ in "xy")
+    step = steps.train_step(build(name, shape, axis), shape)
+    step(x, dy)  # trace before measuring
 
     def run():
         for _ in range(3):
@@ -246,6 +222,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--budget", type=float, default=0.03, help="s per round")
     parser.add_argument("--shapes", nargs="*", help="e.g. 32,24,24,10")
+    add_backend_flag(parser)
     add_output_flags(parser, "peak RSS per step")
     args = parser.parse_args(argv)
     if args.rss_child:
@@ -277,6 +254,7 @@ def main(argv=None) -> None:
     print(f"\n# load average at the end: {os.getloadavg()}")
     print(table(results, memory))
     payload = {"machine": env, "rounds": args.rounds, "results": results}
+    payload["contenders"] = list(CONTENDERS)
     if memory:
         payload["memory_mb"] = [
             {"shape": list(s), "axis": a, **v} for (s, a), v in memory.items()

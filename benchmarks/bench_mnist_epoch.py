@@ -17,8 +17,12 @@ The data are the 50,000 first MNIST training images (``examples/mnist_data.py``
 loads them offline), or with ``--synthetic`` a random tensor of the same shape:
 the timing does not depend on the pixel values.
 
+``--backend tensorflow|jax|torch`` picks the Keras backend (default
+``$KERAS_BACKEND``, else TensorFlow).
+
 Run:
     python benchmarks/bench_mnist_epoch.py --synthetic
+    python benchmarks/bench_mnist_epoch.py --synthetic --backend jax
     python benchmarks/bench_mnist_epoch.py --synthetic --rounds 5 --memory \\
         --json results/epoch.json
 """
@@ -35,17 +39,22 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
 from harness import (  # noqa: E402
+    add_backend_flag,
     add_output_flags,
     interleaved_times,
     machine,
     markdown_table,
     memory_in_child,
+    select_backend,
     step_memory_mb,
     write_json,
 )
+
+BACKEND = select_backend()
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 import kerasbn  # noqa: E402
 
@@ -111,6 +120,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images", type=int, default=IMAGES)
     parser.add_argument("--batch", type=int, default=32)
+    add_backend_flag(parser)
     add_output_flags(parser, "peak RSS per variant")
     args = parser.parse_args(argv)
     if args.rss_child:

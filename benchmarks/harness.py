@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.metadata
 import json
 import os
 import platform
@@ -71,16 +72,21 @@ def _cpu_model() -> str:
 def machine() -> dict:
     """What the figures were measured on, for the log and the JSON file."""
     import keras
-    import tensorflow as tf
 
-    return {
+    info = {
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "python": platform.python_version(),
-        "tensorflow": tf.__version__,
         "keras": keras.__version__,
+        "backend": keras.backend.backend(),
     }
+    for package in ("tensorflow", "jax", "torch", "flax", "tf-keras"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return info
 
 
 def _status_mb(field: str) -> float | None:
@@ -184,3 +190,29 @@ def add_output_flags(parser, memory_help: str) -> None:
     parser.add_argument("--memory", action="store_true", help=memory_help)
     parser.add_argument("--json", metavar="PATH", help="write the results here")
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
+
+
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def select_backend(argv: Sequence[str] | None = None) -> str:
+    """Sets ``KERAS_BACKEND`` from ``--backend`` before Keras is imported.
+
+    The default is ``KERAS_BACKEND`` if set, else TensorFlow. Child processes
+    (``--memory``) inherit the choice through the environment.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    add_backend_flag(parser)
+    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    os.environ["KERAS_BACKEND"] = known.backend
+    return known.backend
+
+
+def add_backend_flag(parser) -> None:
+    """Adds ``--backend tensorflow|jax|torch`` (see :func:`select_backend`)."""
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=os.environ.get("KERAS_BACKEND", "tensorflow"),
+        help="the Keras backend (default: $KERAS_BACKEND, else tensorflow)",
+    )

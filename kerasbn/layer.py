@@ -2,92 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Mapping
-
 import keras
 from keras import constraints, initializers, ops, regularizers
 
-from kerasbn import backends
+from kerasbn import _checks, backends
 from kerasbn import ops as bn_ops
-
-_RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
-
-
-def _check_fraction(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number in [0, 1]; got {value!r}.")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"`{name}` must lie in [0, 1]; got {name}={value!r}.")
-    return float(value)
-
-
-def _check_epsilon(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`epsilon` must be a real number > 0; got {value!r}.")
-    if not (float(value) > 0.0 and math.isfinite(value)):
-        raise ValueError(f"`epsilon` must be finite and > 0; got epsilon={value!r}.")
-    return float(value)
-
-
-def _check_axis(axis):
-    def is_int(a):
-        return isinstance(a, numbers.Integral) and not isinstance(a, bool)
-
-    if is_int(axis):
-        return int(axis)
-    if isinstance(axis, (list, tuple)) and axis and all(is_int(a) for a in axis):
-        if len(set(axis)) != len(axis):
-            raise ValueError(f"`axis` must not repeat an axis; got axis={axis!r}.")
-        return [int(a) for a in axis]
-    raise TypeError(
-        f"`axis` must be an int or a non-empty list/tuple of ints; got {axis!r}."
-    )
-
-
-def _check_virtual_batch_size(value, synchronized: bool):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"`virtual_batch_size` must be a positive int or None; got {value!r}."
-        )
-    if value <= 0:
-        raise ValueError(
-            f"`virtual_batch_size` must be a positive int; got virtual_batch_size={value}."
-        )
-    if synchronized:
-        raise ValueError(
-            "`virtual_batch_size` normalizes each ghost batch with its own local "
-            "statistics, so it cannot be combined with synchronized=True; got "
-            f"virtual_batch_size={value}, synchronized=True."
-        )
-    return int(value)
-
-
-def _check_renorm_clipping(clipping):
-    if clipping is None:
-        return None
-    if not isinstance(clipping, Mapping):
-        raise TypeError(
-            "`renorm_clipping` must be a dict with keys among "
-            f"{list(_RENORM_CLIPPING_KEYS)}; got {clipping!r}."
-        )
-    unknown = set(clipping) - set(_RENORM_CLIPPING_KEYS)
-    if unknown:
-        raise ValueError(
-            f"`renorm_clipping` has unknown keys {sorted(unknown)}; allowed keys are "
-            f"{list(_RENORM_CLIPPING_KEYS)}. Got renorm_clipping={dict(clipping)!r}."
-        )
-    rmin, rmax, dmax = (clipping.get(k) for k in ("rmin", "rmax", "dmax"))
-    if rmin is not None and rmax is not None and rmax < rmin:
-        raise ValueError(
-            f"`renorm_clipping` needs rmax >= rmin; got rmax={rmax!r}, rmin={rmin!r}."
-        )
-    if dmax is not None and dmax < 0:
-        raise ValueError(f"`renorm_clipping` needs dmax >= 0; got dmax={dmax!r}.")
-    return dict(clipping)
 
 
 def _average_groups(group_axis, *statistics):
@@ -138,8 +57,12 @@ class BatchNorm(keras.layers.Layer):
     Call arguments:
         inputs: a tensor of rank >= 2.
         training: whether to use batch statistics (and update the moving ones).
-        mask: optional boolean tensor of the input's shape without the channel
-            axes; False positions do not count towards the statistics.
+        mask: optional boolean tensor, by Keras's rule: of the input's rank
+            minus one, expanded at the last axis and broadcast to the input
+            (so a ``(B, T)`` mask from ``Masking`` or ``Embedding(mask_zero=
+            True)`` serves a ``(B, T, C)`` input, whatever the axis). A mask of
+            the input's own rank that broadcasts to it is also taken. False
+            positions do not count towards the statistics.
 
     Raises:
         TypeError, ValueError: on an invalid argument or input, with a message
@@ -177,9 +100,9 @@ class BatchNorm(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.axis = _check_axis(axis)
-        self.momentum = _check_fraction("momentum", momentum)
-        self.epsilon = _check_epsilon(epsilon)
+        self.axis = _checks.axis(axis)
+        self.momentum = _checks.fraction("momentum", momentum)
+        self.epsilon = _checks.epsilon(epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
         self.beta_initializer = initializers.get(beta_initializer)
@@ -191,15 +114,15 @@ class BatchNorm(keras.layers.Layer):
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.renorm = bool(renorm)
-        self.renorm_clipping = _check_renorm_clipping(renorm_clipping)
-        self.renorm_momentum = _check_fraction("renorm_momentum", renorm_momentum)
+        self.renorm_clipping = _checks.renorm_clipping(renorm_clipping)
+        self.renorm_momentum = _checks.fraction("renorm_momentum", renorm_momentum)
         if synchronized and keras.backend.backend() not in ("tensorflow", "jax"):
             raise ValueError(
                 "`synchronized=True` needs the TensorFlow or JAX backend; the "
                 f"backend is {keras.backend.backend()!r}."
             )
         self.synchronized = bool(synchronized)
-        self.virtual_batch_size = _check_virtual_batch_size(
+        self.virtual_batch_size = _checks.virtual_batch_size(
             virtual_batch_size, self.synchronized
         )
         self.supports_masking = True
@@ -209,25 +132,7 @@ class BatchNorm(keras.layers.Layer):
     # ------------------------------------------------------------------ build
     def build(self, input_shape):
         ndim = len(input_shape)
-        axes = self.axis if isinstance(self.axis, list) else [self.axis]
-        for a in axes:
-            if not -ndim <= a < ndim:
-                raise ValueError(
-                    f"`axis` {a} is out of range for an input of rank {ndim} "
-                    f"(shape {tuple(input_shape)}); allowed: {-ndim}..{ndim - 1}. "
-                    f"Got axis={self.axis!r}."
-                )
-        channel_axes = sorted(a % ndim for a in axes)
-        if len(set(channel_axes)) != len(channel_axes):
-            raise ValueError(
-                f"`axis` names the same axis twice for rank {ndim}: axis={self.axis!r}."
-            )
-        unknown = [a for a in channel_axes if input_shape[a] is None]
-        if unknown:
-            raise ValueError(
-                f"The normalized axis {unknown[0]} of input shape {tuple(input_shape)}"
-                " has an unknown (None) size; BatchNorm needs it known at build time."
-            )
+        channel_axes = _checks.channel_axes(self.axis, input_shape)
         if self.virtual_batch_size and 0 in channel_axes:
             raise ValueError(
                 "With `virtual_batch_size`, axis 0 is the batch axis and cannot be "
@@ -294,7 +199,7 @@ class BatchNorm(keras.layers.Layer):
 
     # ------------------------------------------------------------------- call
     def call(self, inputs, training=None, mask=None):
-        mask = self._broadcastable_mask(inputs, mask)
+        mask = bn_ops.expand_mask(mask, inputs)
         if not self._uses_batch_statistics(training):
             outputs = self._normalize_with_moving_statistics(inputs)
         else:
@@ -331,7 +236,7 @@ class BatchNorm(keras.layers.Layer):
         shape = ops.shape(x)
         grouped = ops.reshape(x, (self.virtual_batch_size, -1, *shape[1:]))
         if mask is not None:
-            mask = ops.reshape(mask, (self.virtual_batch_size, -1, *mask.shape[1:]))
+            mask = ops.reshape(mask, ops.shape(grouped))
         axes = [0] + [a + 1 for a in self._reduction_axes if a != 0]
         outputs, mean, variance = self._normalize_groups(grouped, mask, axes, 1)
         return ops.reshape(outputs, shape), mean, variance
@@ -379,8 +284,9 @@ class BatchNorm(keras.layers.Layer):
         mean = ops.reshape(mean, self.moving_mean.shape)
         variance = ops.reshape(variance, self.moving_variance.shape)
         usable = bn_ops.all_finite(mean, variance)
-        if mask is not None:
-            usable = ops.logical_and(usable, ops.any(mask))
+        if mask is not None:  # a channel that saw no value keeps its statistics
+            seen = ops.any(mask, axis=self._reduction_axes)
+            usable = ops.logical_and(usable, ops.reshape(seen, mean.shape))
         for variable, value in self._moving_updates(mean, variance):
             current = ops.convert_to_tensor(variable)
             variable.assign(ops.where(usable, ops.cast(value, variable.dtype), current))
@@ -426,38 +332,11 @@ class BatchNorm(keras.layers.Layer):
             return None
         return ops.reshape(weight, self._broadcast_shape)
 
-    def _broadcastable_mask(self, inputs, mask):
-        """Checks ``mask`` and returns it with size-1 channel axes, or None."""
-        if mask is None:
-            return None
-        expected = [
-            d for a, d in enumerate(inputs.shape) if a not in self._channel_axes
-        ]
-        shape = list(mask.shape)
-        if len(shape) != len(expected) or any(
-            m is not None and e is not None and m != e for m, e in zip(shape, expected)
-        ):
-            raise ValueError(
-                f"`mask` must have the input's shape without the channel axes "
-                f"{self._channel_axes}, i.e. {tuple(expected)}; got mask.shape="
-                f"{tuple(shape)} for inputs.shape={tuple(inputs.shape)}."
-            )
-        mask = ops.cast(mask, "bool")
-        for a in self._channel_axes:
-            mask = ops.expand_dims(mask, a)
-        return mask
-
     def _check_batch_has_spread(self, inputs):
         sizes = [inputs.shape[a] for a in self._reduction_axes]
         if self.virtual_batch_size:
             sizes = [self.virtual_batch_size] + sizes[1:]
-        if all(s is not None for s in sizes) and math.prod(sizes) == 1:
-            raise ValueError(
-                "BatchNorm in training needs more than one value per channel to "
-                f"compute a variance; got inputs.shape={tuple(inputs.shape)} with "
-                f"channel axes {self._channel_axes}. Use a batch larger than 1 or "
-                "call it with training=False."
-            )
+        _checks.batch_has_spread(sizes, inputs.shape, self._channel_axes)
 
     # ----------------------------------------------------------------- config
     def get_config(self):

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
+from kerasbn import _checks
+
 
 class Moments(NamedTuple):
     """Shifted sufficient moments of one or more groups of samples.
@@ -101,6 +103,35 @@ def sufficient_moments(x, axes: Sequence[int], mask=None) -> Moments:
         deviation = ops.where(mask, centred - offset, ops.zeros_like(centred))
         m2 = ops.sum(ops.square(deviation), axis=axes, keepdims=True)
     return Moments(count, shift, offset, m2)
+
+
+def expand_mask(mask, x):
+    """A layer's ``mask`` by Keras's BN rule, as a boolean tensor of ``x``'s shape.
+
+    A mask of rank ``x.ndim - 1`` is expanded at the last axis, whatever the
+    channel axes (Keras's rule); one of ``x``'s rank is taken as it is. It is
+    then broadcast to ``x``.
+
+    Args:
+        mask: the mask, or None.
+        x: the layer's input.
+
+    Returns:
+        The boolean mask of ``x``'s shape, or None.
+
+    Raises:
+        ValueError: the mask has another rank or does not broadcast to ``x``.
+
+    Example:
+        >>> m = expand_mask(keras.ops.array([[True, False]]), keras.ops.ones((1, 2, 3)))
+        >>> tuple(m.shape)
+        (1, 2, 3)
+    """
+    if mask is None:
+        return None
+    if _checks.mask_shape(mask.shape, x.shape):
+        mask = ops.expand_dims(mask, -1)
+    return ops.broadcast_to(ops.cast(mask, "bool"), ops.shape(x))
 
 
 def moments(x, axes: Sequence[int], mask=None):

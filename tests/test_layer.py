@@ -367,57 +367,166 @@ def test_predict_of_one_sample_equals_batch_predict(rng):
 
 
 # ----------------------------------------------------------------------- masking
+# (input shape, axis): ranks 2 to 5, first, middle, last and list axes. The
+# mask follows Keras's rule: the input's shape without its last axis.
 MASK_CASES = [
     ((12, 3), -1),
+    ((12, 3), 0),
     ((6, 7, 3), -1),
     ((6, 3, 7), 1),
+    ((6, 7, 3), 0),
     ((4, 5, 6, 3), -1),
     ((4, 3, 5, 6), 1),
+    ((4, 5, 6, 3), 2),
     ((3, 4, 5, 6, 2), -1),
     ((3, 2, 4, 5, 6), 1),
     ((3, 4, 2, 5, 6), 2),
+    ((4, 5, 6, 3), [1, 2]),
+    ((3, 4, 5, 6, 2), [-2, -1]),
 ]
 
 
+def _to_numpy(t):
+    return keras.ops.convert_to_numpy(t)
+
+
+def _channels(shape, axis):
+    axes = axis if isinstance(axis, list) else [axis]
+    return sorted(a % len(shape) for a in axes)
+
+
+def _masked_reference(x, axis, mask):
+    """NumPy statistics under Keras's mask rule, and which channels saw a value."""
+    channels = _channels(x.shape, axis)
+    full = np.broadcast_to(mask[..., None] if mask.ndim < x.ndim else mask, x.shape)
+    with np.errstate(invalid="ignore"):  # channels that saw no value
+        mean, var = np_moments(np.where(full, x, 0.0), channels, full)
+    reduced = tuple(a for a in range(x.ndim) if a not in channels)
+    seen = full.any(axis=reduced, keepdims=True)
+    return mean, var, seen, full
+
+
 @pytest.mark.parametrize("shape, axis", MASK_CASES)
-def test_masked_positions_do_not_count_towards_statistics(rng, shape, axis):
-    channel = axis % len(shape)
+@pytest.mark.parametrize("fill", [1e6, np.nan])
+def test_masked_positions_do_not_count_towards_statistics(rng, shape, axis, fill):
     layer = kerasbn.BatchNorm(axis=axis, momentum=0.0)
-    mask_shape = tuple(d for a, d in enumerate(shape) if a != channel)
+    mask = rng.random(shape[:-1]) > 0.3
+    x = rng.normal(2.0, 3.0, shape)
+    mean, var, seen, full = _masked_reference(x, axis, mask)
+    x = np.where(full, x, fill).astype("float32")
+    y = _to_numpy(layer(x, training=True, mask=mask))
+    expected = np_batch_norm(x, mean, var)
+    counted = full & seen
+    np.testing.assert_allclose(y[counted], expected[counted], rtol=1e-5, atol=1e-4)
+    # A channel that saw no value keeps its moving statistics (here 0 and 1).
+    np.testing.assert_allclose(
+        layer.moving_mean, np.where(seen, mean, 0.0).squeeze(), **TOL
+    )
+    np.testing.assert_allclose(
+        layer.moving_variance, np.where(seen, var, 1.0).squeeze(), **TOL
+    )
+
+
+@pytest.mark.parametrize(
+    "shape, axis", [c for c in MASK_CASES if not isinstance(c[1], list)]
+)
+def test_masked_training_matches_keras(rng, shape, axis):
+    ours, peer = _pair(shape, axis=axis, momentum=0.5)
+    always_seen = True
+    for _ in range(2):
+        x = rng.normal(1.0, 2.0, shape).astype("float32")
+        mask = rng.random(shape[:-1]) > 0.3
+        always_seen = always_seen & _masked_reference(x, axis, mask)[2].squeeze()
+        y_ours = _to_numpy(ours(x, training=True, mask=mask))
+        y_peer = _to_numpy(peer(x, training=True, mask=mask))
+        np.testing.assert_allclose(y_ours, y_peer, rtol=1e-5, atol=1e-5)
+        record("masked training output", y_ours, y_peer)
+    # Keras moves a channel that saw no value towards mean 0 and variance 0;
+    # kerasbn keeps its statistics (see the README): compare the others.
+    for w, w_ref in zip(ours.get_weights(), peer.get_weights()):
+        np.testing.assert_allclose(w[always_seen], w_ref[always_seen], **TOL)
+        record("masked moving statistics", w[always_seen], w_ref[always_seen])
+
+
+def test_broadcastable_mask_is_accepted_as_keras_does(rng):
+    ours, peer = _pair((1, 2, 3, 4), momentum=0.0)
+    x = rng.normal(size=(1, 2, 3, 4)).astype("float32")
+    mask = np.array([True, False]).reshape(1, 2, 1)
+    np.testing.assert_allclose(
+        _to_numpy(ours(x, training=True, mask=mask)),
+        _to_numpy(peer(x, training=True, mask=mask)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    mean, var = np_moments(x[:, :1], [3])
+    np.testing.assert_allclose(ours.moving_mean, mean.ravel(), **TOL)
+    np.testing.assert_allclose(ours.moving_variance, var.ravel(), **TOL)
+
+
+@pytest.mark.parametrize("mask_shape", [(6, 7, 3), (6, 7, 1), (1, 7, 3)])
+def test_full_rank_broadcastable_mask_is_accepted(rng, mask_shape):
+    layer = kerasbn.BatchNorm(momentum=0.0)
+    x = rng.normal(2.0, 3.0, (6, 7, 3)).astype("float32")
     mask = rng.random(mask_shape) > 0.3
-    mask_b = np.expand_dims(mask, channel)
-    x = np.where(mask_b, rng.normal(2.0, 3.0, shape), 1e6).astype("float32")
-    y = layer(x, training=True, mask=mask)
-    mean, var = np_moments(x, [channel], mask_b)
-    np.testing.assert_allclose(y, np_batch_norm(x, mean, var), rtol=1e-5, atol=1e-3)
+    mean, var = np_moments(x, [2], np.broadcast_to(mask, x.shape))
+    layer(x, training=True, mask=mask)
     np.testing.assert_allclose(layer.moving_mean, mean.ravel(), **TOL)
     np.testing.assert_allclose(layer.moving_variance, var.ravel(), **TOL)
 
 
-def test_masked_statistics_match_keras_for_timestep_masks(rng):
-    ours, peer = _pair((4, 6, 3), momentum=0.5)
-    x = rng.normal(size=(4, 6, 3)).astype("float32")
-    mask = rng.random((4, 6)) > 0.5
-    np.testing.assert_allclose(
-        ours(x, training=True, mask=mask),
-        peer(x, training=True, mask=mask),
-        rtol=1e-5,
-        atol=1e-5,
-    )
+def _fit_masked(bn_class, x, y, **bn_kwargs):
+    """A Masking -> BN -> pooling -> Dense model after three SGD steps."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input(x.shape[1:])
+    h = keras.layers.Masking(0.0)(inputs)
+    h = bn_class(**bn_kwargs)(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    model = keras.Model(inputs, keras.layers.Dense(1)(h))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_masking_then_batchnorm_trains_with_fit_as_keras(rng, axis):
+    x = rng.normal(1.0, 2.0, (12, 6, 3)).astype("float32")
+    x[:, 4:] = 0.0  # the last two steps are masked in every sample
+    x[::3, 3] = 0.0
+    y = rng.normal(size=(12, 1)).astype("float32")
+    ours = _fit_masked(kerasbn.BatchNorm, x, y, axis=axis, momentum=0.5)
+    peer = _fit_masked(keras.layers.BatchNormalization, x, y, axis=axis, momentum=0.5)
+    bn = _bn(ours)
+    if axis == 1:  # steps 4 and 5 never saw a value: kerasbn keeps 0 and 1
+        np.testing.assert_array_equal(bn.moving_mean.numpy()[4:], 0.0)
+        np.testing.assert_array_equal(bn.moving_variance.numpy()[4:], 1.0)
     for w, w_ref in zip(ours.get_weights(), peer.get_weights()):
-        np.testing.assert_allclose(w, w_ref, **TOL)
+        if w.shape == (6,):  # per-step statistics: compare the steps seen
+            w, w_ref = w[:4], w_ref[:4]
+        np.testing.assert_allclose(w, w_ref, rtol=1e-5, atol=1e-5)
+        record("masked fit weights", w, w_ref)
+    np.testing.assert_allclose(
+        ours.predict(x, verbose=0), peer.predict(x, verbose=0), rtol=1e-4, atol=1e-4
+    )
 
 
-def test_mask_propagated_by_a_masking_layer_is_used(rng):
-    inputs = keras.Input((5, 2))
-    outputs = kerasbn.BatchNorm(momentum=0.0)(keras.layers.Masking(0.0)(inputs))
-    model = keras.Model(inputs, outputs)
-    x = rng.normal(1.0, 2.0, (3, 5, 2)).astype("float32")
-    x[:, 3:] = 0.0
-    model(x, training=True)
-    mean, var = np_moments(x[:, :3], [2])
-    np.testing.assert_allclose(_bn(model).moving_mean, mean.ravel(), **TOL)
-    np.testing.assert_allclose(_bn(model).moving_variance, var.ravel(), **TOL)
+def test_embedding_mask_zero_then_batchnorm_matches_keras(rng):
+    tokens = rng.integers(1, 20, (8, 5))
+    tokens[:, 3:] = 0  # padding
+
+    def build(bn_class):
+        keras.utils.set_random_seed(5)
+        inputs = keras.Input((5,), dtype="int32")
+        h = keras.layers.Embedding(20, 4, mask_zero=True)(inputs)
+        h = bn_class(momentum=0.0)(h)
+        return keras.Model(inputs, h)
+
+    ours, peer = build(kerasbn.BatchNorm), build(keras.layers.BatchNormalization)
+    y = _to_numpy(ours(tokens, training=True))
+    np.testing.assert_allclose(y, _to_numpy(peer(tokens, training=True)), **TOL)
+    embedded = ours.layers[1].embeddings.numpy()[tokens[:, :3]]
+    mean, var = np_moments(embedded.reshape(-1, 4), [1])
+    np.testing.assert_allclose(_bn(ours).moving_mean, mean.ravel(), **TOL)
+    np.testing.assert_allclose(_bn(ours).moving_variance, var.ravel(), **TOL)
 
 
 def test_fully_masked_batch_keeps_moving_statistics_and_is_finite(rng):
@@ -426,9 +535,25 @@ def test_fully_masked_batch_keeps_moving_statistics_and_is_finite(rng):
     layer(x, training=True)
     before = [w.copy() for w in layer.get_weights()]
     y = layer(x, training=True, mask=np.zeros((4, 5), bool))
-    assert np.all(np.isfinite(y))
+    assert np.all(np.isfinite(_to_numpy(y)))
     for w, w_before in zip(layer.get_weights(), before):
         np.testing.assert_array_equal(w, w_before)
+
+
+@pytest.mark.parametrize(
+    "mask_shape, pattern",
+    [
+        ((4,), r"The mask provided should be one dimension less than the inputs"),
+        ((4, 3, 5, 1), r"should be one dimension less.*\(4, 3, 5, 1\).*\(4, 3, 5\)"),
+        ((4, 5), r"mask.*\(4, 5\).*does not broadcast.*\(4, 3, 5\).*rank minus one"),
+        ((4, 2, 5), r"mask.*\(4, 2, 5\).*does not broadcast.*\(4, 3, 5\)"),
+    ],
+)
+def test_mask_that_breaks_keras_rule_is_rejected(rng, mask_shape, pattern):
+    layer = kerasbn.BatchNorm(axis=1)
+    x = rng.normal(size=(4, 3, 5)).astype("float32")
+    with pytest.raises(ValueError, match=pattern):
+        layer(x, training=True, mask=np.ones(mask_shape, bool))
 
 
 # -------------------------------------------------------------- mixed precision
@@ -505,17 +630,17 @@ def test_non_finite_batch_inside_fit_does_not_poison_statistics(rng):
         (
             dict(renorm=True, renorm_clipping={"rmaxx": 3}),
             ValueError,
-            r"renorm_clipping.*rmaxx",
+            r"Received invalid keys for `renorm_clipping` argument.*rmaxx",
         ),
         (
             dict(renorm=True, renorm_clipping={"rmax": 1, "rmin": 2}),
             ValueError,
-            r"rmax >= rmin.*rmax=1, rmin=2",
+            r"rmax should be greater than rmin.*rmax >= rmin.*rmax=1, rmin=2",
         ),
         (
             dict(renorm=True, renorm_clipping={"dmax": -1}),
             ValueError,
-            r"dmax >= 0.*dmax=-1",
+            r"dmax should be non-negative.*dmax >= 0.*dmax=-1",
         ),
     ],
 )
@@ -527,10 +652,10 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, pattern):
 @pytest.mark.parametrize(
     "axis, shape, pattern",
     [
-        (4, (2, 3, 4, 5), r"axis.*4.*out of range.*rank 4"),
-        (-5, (2, 3, 4, 5), r"axis.*-5.*out of range"),
+        (4, (2, 3, 4, 5), r"Axis 4 is out of bounds for input shape.*rank 4"),
+        (-5, (2, 3, 4, 5), r"Axis -5 is out of bounds.*-4\.\.3"),
         ([-1, 3], (2, 3, 4, 5), r"same axis twice.*\[-1, 3\]"),
-        (-1, (2, None), r"axis 1.*\(2, None\).*unknown"),
+        (-1, (2, None), r"axis 1.*\(2, None\).*unknown.*must be fully-defined"),
     ],
 )
 def test_bad_axis_or_unknown_channel_size_fails_at_build(axis, shape, pattern):
@@ -543,13 +668,6 @@ def test_input_of_another_rank_than_built_is_rejected(rng):
     layer(rng.normal(size=(4, 3)).astype("float32"))
     with pytest.raises(ValueError, match=r"expected ndim=2, found ndim=3"):
         layer(rng.normal(size=(4, 5, 3)).astype("float32"))
-
-
-def test_mask_of_wrong_shape_is_rejected(rng):
-    layer = kerasbn.BatchNorm(axis=1)
-    x = rng.normal(size=(4, 3, 5)).astype("float32")
-    with pytest.raises(ValueError, match=r"mask.*\(4, 5\).*\(4, 3\)"):
-        layer(x, training=True, mask=np.ones((4, 3), bool))
 
 
 def test_one_value_per_channel_in_training_is_rejected_where_shape_is_known(rng):
@@ -569,3 +687,31 @@ def test_one_value_per_channel_with_unknown_shape_gives_finite_output(rng):
     y = call(rng.normal(size=(1, 3)).astype("float32"))
     assert np.all(np.isfinite(y.numpy()))
     np.testing.assert_allclose(y, 0.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, phrase",
+    [
+        (
+            dict(renorm_clipping={"rmaxx": 3}),
+            "Received invalid keys for `renorm_clipping`",
+        ),
+        (
+            dict(renorm_clipping={"rmax": 1, "rmin": 2}),
+            "rmax should be greater than rmin",
+        ),
+        (dict(renorm_clipping={"dmax": -1}), "dmax should be non-negative"),
+    ],
+)
+def test_bad_arguments_carry_keras_own_phrase(kwargs, phrase):
+    for layer_class in (keras.layers.BatchNormalization, kerasbn.BatchNorm):
+        with pytest.raises(ValueError, match=phrase):
+            layer_class(renorm=True, **kwargs)
+
+
+def test_mask_of_wrong_rank_carries_keras_own_phrase(rng):
+    x = rng.normal(size=(4, 3, 5)).astype("float32")
+    phrase = "The mask provided should be one dimension less than the inputs"
+    for layer_class in (keras.layers.BatchNormalization, kerasbn.BatchNorm):
+        with pytest.raises(ValueError, match=phrase):
+            layer_class()(x, training=True, mask=np.ones((4,), bool))

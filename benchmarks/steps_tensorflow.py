@@ -1,0 +1,68 @@
+"""TensorFlow contenders and steps for ``bench_layer.py --backend tensorflow``.
+
+Contenders: kerasbn, Keras 3's BN and tf.keras's BN (fused where it can be).
+A train step is one ``tf.function``: forward and backward with a fixed
+upstream gradient (``output_gradients``), returning ``y`` and the gradients
+with respect to ``x``, gamma and beta, and updating the moving statistics. An
+inference step is ``layer(x, training=False)`` under ``tf.function``.
+
+Every steps module (``steps_<backend>.py``) exposes the same names:
+``CONTENDERS``, ``PEERS``, ``to_tensor``, ``train_step``, ``inference_step``,
+``copy_step`` and ``formulation``.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+import tf_keras  # the pip package itself: Keras 3 stays the default
+
+import kerasbn
+from kerasbn import backends
+
+CONTENDERS = {
+    "kerasbn": kerasbn.BatchNorm,
+    "keras": keras.layers.BatchNormalization,
+    "tf_keras": tf_keras.layers.BatchNormalization,
+}
+# The contenders kerasbn is compared with, as printed in the table.
+PEERS = {"keras": "Keras 3", "tf_keras": "tf.keras"}
+
+
+def to_tensor(array):
+    return tf.constant(array)
+
+
+def train_step(layer, shape):
+    """A ``tf.function``: forward + backward with a fixed upstream gradient."""
+
+    @tf.function
+    def step(x, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        grads = tape.gradient(y, [x, *layer.trainable_weights], output_gradients=dy)
+        return y, grads
+
+    return step
+
+
+def inference_step(layer, shape):
+    return tf.function(lambda x: layer(x, training=False))
+
+
+def copy_step(x):
+    """A TensorFlow copy of ``x``, for the memory-bandwidth floor."""
+    copy = tf.function(lambda t: tf.raw_ops.DeepCopy(x=t))
+    return lambda: copy(x)
+
+
+def formulation(shape, axis: int) -> str:
+    """How kerasbn computes a train step of this shape."""
+    axes = [a for a in range(len(shape)) if a != axis % len(shape)]
+    x = tf.zeros(shape)
+    if backends.implementation(x, axes) is backends.ops:
+        return "generic"
+    from kerasbn.backends import tensorflow as tf_backend
+
+    return tf_backend.formulation(x.shape, axes, 1e-3)
