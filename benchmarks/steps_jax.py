@@ -23,7 +23,10 @@ device and every step compiled by ``jax.jit`` once before timing:
 * **infer** (:func:`inference_step`): one jitted forward pass in inference
   mode (moving statistics), returning ``y``.
 
-Each call ends with ``jax.block_until_ready`` on all results.
+Each call ends with ``jax.block_until_ready`` on all results. The module
+exposes the names every ``steps_<backend>.py`` does: ``CONTENDERS``,
+``PEERS``, ``to_tensor``, ``train_step``, ``inference_step``, ``copy_step``
+and ``formulation``.
 """
 
 from __future__ import annotations
@@ -85,11 +88,20 @@ CONTENDERS: dict[str, Callable[[int], object]] = {
     "keras": lambda axis: keras.layers.BatchNormalization(axis=axis),
     "flax": FlaxBatchNorm,
 }
+# The contenders kerasbn is compared with, as printed in the table.
+PEERS = {"keras": "Keras 3", "flax": "flax.linen"}
 
 
 def to_tensor(array: np.ndarray):
     """``array`` as a JAX array on the default device."""
     return jax.device_put(jnp.asarray(array))
+
+
+def copy_step(x):
+    """A jitted pass that reads ``x`` and writes a new array (``-x``), for the
+    memory-bandwidth floor (XLA elides a plain copy or ``x * 1``)."""
+    negate = jax.jit(lambda t: -t)
+    return lambda: jax.block_until_ready(negate(x))
 
 
 def _keras_train(layer: keras.layers.Layer):
