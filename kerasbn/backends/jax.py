@@ -59,7 +59,8 @@ Declined (:func:`applies` is False and :mod:`kerasbn.ops` serves the call):
 * an unknown rank or dimension, no reduction axis, or an empty batch.
 
 **Synchronized statistics.** Under ``keras.distribution`` (``DataParallel``,
-``ModelParallel``, and several processes joined by ``jax.distributed``),
+``ModelParallel``, also over several processes joined by
+``jax.distributed``),
 Keras's JAX trainer compiles the train step once for the whole device mesh
 (SPMD): the batch axis is sharded across devices, but a reduction over it is
 a reduction over the *global* batch, and XLA inserts the cross-device sums
@@ -71,7 +72,12 @@ statistics (what ``synchronized=False`` means under ``tf.distribute``) are
 not what an SPMD program computes. ``synchronized=True`` is accepted so that
 models written for TensorFlow's engines run unchanged; it computes the
 statistics with :mod:`kerasbn.ops` (shifted moments, exact for large means)
-rather than with this fast path.
+rather than with this fast path. Tested (``tests/test_sync_jax.py``):
+``DataParallel`` over 2 CPU devices, and over 2 processes joined by
+``jax.distributed`` with gloo collectives; ``ModelParallel`` shards the batch
+the same way. Not covered: a layer called inside ``jax.pmap`` or
+``shard_map`` by hand, where each shard computes its own statistics (the
+axis name to merge over is not known here).
 
 Example:
     >>> import jax.numpy as jnp
