@@ -2,9 +2,8 @@
 
 Every numeric test runs the layer several ways: with the fast path's
 formulations forced (the ``jax.custom_vjp`` of ``kerasbn.backends.jax`` with
-"shifted" statistics, with "rough" ones that fall back on the shifted ones
-for far means, and "widened" to ``(rows / k, k * C)``) and with the fast path
-switched off ("generic", kerasbn.ops). All are held to the same independent
+"shifted" statistics, and with "rough" ones that fall back on the shifted ones
+for far means) and with the fast path switched off ("generic", kerasbn.ops). All are held to the same independent
 references, so the fast path gives the generic path's numbers. Training calls run as
 Keras's JAX trainer runs them: ``stateless_call`` under ``jax.jit``, with
 gradients from ``jax.grad``.
@@ -58,7 +57,7 @@ CASES = [
     ("no_scale", (6, 5, 4, 8), dict(scale=False, epsilon=0.1)),
     ("4d_ten_channels", (8, 6, 5, 10), {}),
 ]
-PATHS = ["shifted", "rough", "widened", "generic"]
+PATHS = ["shifted", "rough", "generic"]
 FAST_PATHS = PATHS[:-1]
 
 
@@ -69,10 +68,7 @@ def _channel_axes(shape, axis):
 
 def _cases_and_paths():
     for name, shape, kwargs in CASES:
-        channel_axes = _channel_axes(shape, kwargs.get("axis", -1))
         for path in PATHS:
-            if path == "widened" and channel_axes[-1] != len(shape) - 1:
-                continue  # channels-last inputs only
             yield pytest.param(shape, kwargs, path, id=f"{name}-{path}")
 
 
@@ -84,11 +80,8 @@ def force_path(monkeypatch):
         if path == "generic":
             monkeypatch.setattr(jax_backend, "applies", lambda *args: False)
             return
-        never = 1 << 62
-        rough = 0 if path in ("rough", "widened") else never
+        rough = 0 if path == "rough" else 1 << 62
         monkeypatch.setattr(jax_backend, "ROUGH_MIN_ELEMENTS", rough)
-        widen = 0 if path == "widened" else never
-        monkeypatch.setattr(jax_backend, "WIDEN_MIN_ELEMENTS", widen)
 
     return force
 
@@ -193,14 +186,14 @@ def test_fast_path_declines_masks_integers_split_channel_axes_and_empty_batches(
         ((32, 56, 56, 64), [0, 1, 2], "rough"),
         ((32, 28, 28, 256), [0, 1, 2], "rough"),
         ((32, 64, 56, 56), [0, 2, 3], "rough"),  # channels first
-        ((32, 24, 24, 10), [0, 1, 2], "rough widened x8"),  # lecture CNN
-        ((32, 8, 8, 20), [0, 1, 2], "shifted widened x4"),
+        ((32, 24, 24, 10), [0, 1, 2], "rough"),  # lecture CNN
+        ((32, 8, 8, 20), [0, 1, 2], "shifted"),
         ((32, 100), [0], "shifted"),
         ((3, 100), [0], "shifted"),
         ((4, 5, 6), [1], "generic"),
     ],
 )
-def test_formulation_is_rough_for_large_inputs_and_widened_for_few_channels(
+def test_formulation_is_rough_for_large_inputs_and_shifted_for_small_ones(
     shape, axes, expected
 ):
     assert jax_backend.formulation(shape, axes) == expected

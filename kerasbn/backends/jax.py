@@ -8,10 +8,6 @@ fewest passes over memory that XLA's CPU backend allows:
 
 * the input is viewed, at no cost, as ``(outer, C, inner)`` (``(rows, C)``
   for channels-last inputs, ``(B, C, H * W)`` for channels-first ones);
-  channels-last inputs with fewer than 64 channels are *widened* to
-  ``(rows / k, k * C)`` with ``k * C`` a multiple of 16, as on TensorFlow,
-  so that element-wise loops broadcast whole SIMD vectors (1.3x faster at
-  (32, 24, 24, 10), the lecture CNN's first BN);
 * forward: the per-channel statistics, then one loop
   ``y = (x - shift) * scale + (beta - offset * scale)``;
 * backward: the per-channel sums of ``dy`` and ``dy * (x - shift)`` and one
@@ -105,12 +101,10 @@ from kerasbn import ops
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 FAR_MEAN = 3.0  # spreads from zero beyond which the statistics are shifted
 ROUGH_MIN_ELEMENTS = 1 << 16  # below this, always the shifted statistics
-VECTOR_WIDTH = 16  # float32 lanes of a 512-bit vector
-WIDEN_MIN_ELEMENTS = 1 << 15  # below this, widening costs more than it saves
 
 
 class _View(NamedTuple):
-    """The input seen as ``(outer, channels, inner)``, possibly widened.
+    """The input seen as ``(outer, channels, inner)``.
 
     Hashable: it is a static argument of the ``custom_vjp``.
 
@@ -118,8 +112,6 @@ class _View(NamedTuple):
         start, stop: the channel axes are ``start .. stop - 1``.
         outer, channels, inner: the products of the sizes before, of and
             after the channel axes.
-        k: the widening factor: a channels-last input is seen as the
-            ``(outer / k, k * channels)`` matrix (1: not widened).
         rough: whether the statistics come from the plain sums of ``x`` and
             ``x * x`` where the mean is within ``FAR_MEAN`` spreads of zero.
     """
@@ -129,7 +121,6 @@ class _View(NamedTuple):
     outer: int
     channels: int
     inner: int
-    k: int = 1
     rough: bool = False
 
     @property
@@ -137,7 +128,7 @@ class _View(NamedTuple):
         """The view's shape: size-1 ends dropped, so reductions run over at
         most two axes of a contiguous array."""
         if self.inner == 1:
-            return (self.outer // self.k, self.k * self.channels)
+            return (self.outer, self.channels)
         if self.outer == 1:
             return (self.channels, self.inner)
         return (self.outer, self.channels, self.inner)
@@ -159,30 +150,17 @@ class _View(NamedTuple):
     @property
     def vector_shape(self) -> tuple[int, ...]:
         """The shape of a per-channel vector: :attr:`shape` with size 1 on the
-        reduced axes, and ``channels`` (not ``k * channels``) where widened."""
-        shape = [1 if a in self.axes else d for a, d in enumerate(self.shape)]
-        if self.k > 1:
-            shape[1] = self.channels
-        return tuple(shape)
+        reduced axes."""
+        return tuple(1 if a in self.axes else d for a, d in enumerate(self.shape))
 
     def sum(self, t):
         """``t`` (in the view) summed to a per-channel vector."""
-        total = jnp.sum(t, self.axes, keepdims=True)
-        if self.k == 1:
-            return total
-        return jnp.sum(jnp.reshape(total, (self.k, self.channels)), 0, keepdims=True)
-
-    def spread(self, v):
-        """A per-channel vector, broadcastable against the view."""
-        return v if self.k == 1 else jnp.tile(v, (1, self.k))
+        return jnp.sum(t, self.axes, keepdims=True)
 
     def first(self, x):
         """The first sample of each channel, as a per-channel vector."""
-        if self.k > 1:
-            return x[:1, : self.channels]
-        return x[
-            tuple(slice(0, 1) if a in self.axes else slice(None) for a in range(x.ndim))
-        ]
+        index = [slice(0, 1) if a in self.axes else slice(None) for a in range(x.ndim)]
+        return x[tuple(index)]
 
 
 def _view(shape: Sequence[int | None], axes: Sequence[int]) -> _View | None:
@@ -199,33 +177,8 @@ def _view(shape: Sequence[int | None], axes: Sequence[int]) -> _View | None:
     start, stop = channel_axes[0], channel_axes[-1] + 1
     outer, channels = math.prod(shape[:start]), math.prod(shape[start:stop])
     inner = math.prod(shape[stop:])
-    size = outer * channels * inner
-    return _View(
-        start,
-        stop,
-        outer,
-        channels,
-        inner,
-        k=_widening(outer, channels, inner, size),
-        rough=size >= ROUGH_MIN_ELEMENTS,
-    )
-
-
-def _widening(outer: int, channels: int, inner: int, size: int) -> int:
-    """The factor ``k`` of the ``(outer / k, k * C)`` view of a channels-last input.
-
-    For fewer than ``4 * VECTOR_WIDTH`` channels in an input of at least
-    ``WIDEN_MIN_ELEMENTS``, ``k * C`` becomes a multiple of ``VECTOR_WIDTH``
-    (with ``k`` dividing the rows), so that element-wise loops broadcast
-    per-channel vectors over whole SIMD vectors (as the TensorFlow path does).
-    Otherwise 1: no widening.
-    """
-    if inner != 1 or channels >= 4 * VECTOR_WIDTH or size < WIDEN_MIN_ELEMENTS:
-        return 1
-    k = VECTOR_WIDTH // math.gcd(channels, VECTOR_WIDTH)
-    while outer % k:
-        k //= 2
-    return k
+    rough = outer * channels * inner >= ROUGH_MIN_ELEMENTS
+    return _View(start, stop, outer, channels, inner, rough)
 
 
 def _shape(x) -> tuple | None:
@@ -271,20 +224,18 @@ def formulation(shape: Sequence[int], axes: Sequence[int]) -> str:
     Returns:
         ``"generic"`` where :func:`applies` would decline the call (for a
         float32 input without a mask), else ``"shifted"`` or ``"rough"``
-        (see the module docstring), with ``" widened xk"`` where a
-        channels-last input is seen as ``(rows / k, k * C)``.
+        (see the module docstring).
 
     Example:
         >>> formulation((32, 56, 56, 64), [0, 1, 2]), formulation((4, 5, 6), [1])
         ('rough', 'generic')
         >>> formulation((32, 24, 24, 10), [0, 1, 2]), formulation((32, 100), [0])
-        ('rough widened x8', 'shifted')
+        ('rough', 'shifted')
     """
     view = _view(tuple(shape), axes)
     if view is None or view.count == 0:
         return "generic"
-    name = "rough" if view.rough else "shifted"
-    return name if view.k == 1 else f"{name} widened x{view.k}"
+    return "rough" if view.rough else "shifted"
 
 
 # ------------------------------------------------------------------- training
@@ -303,7 +254,7 @@ def _statistics(x, view: _View):
 
     def shifted():
         shift = jax.lax.stop_gradient(view.first(x))
-        d = x - view.spread(shift)  # exact where x is close to its first sample
+        d = x - shift  # exact where x is close to its first sample
         offset = view.sum(d) / n
         return shift, offset, view.sum(d * d) / n - offset * offset
 
@@ -326,9 +277,7 @@ def _forward(x, gamma, beta, epsilon: float, view: _View):
     variance = jnp.maximum(variance, 0.0)
     inv = jax.lax.rsqrt(variance + epsilon)
     scale = gamma.astype(dtype) * inv
-    y = (xs - view.spread(shift)) * view.spread(scale) + view.spread(
-        beta.astype(dtype) - offset * scale
-    )
+    y = (xs - shift) * scale + (beta.astype(dtype) - offset * scale)
     return (y, shift + offset, variance), (x, shift, offset, inv, scale, far)
 
 
@@ -348,7 +297,7 @@ def _backward(epsilon: float, view: _View, residuals, cotangents):
     dbeta = view.sum(dy)
 
     def shifted():
-        return view.sum(dy * (xs - view.spread(shift)))
+        return view.sum(dy * (xs - shift))
 
     if view.rough:
         dot = jax.lax.cond(far, shifted, lambda: view.sum(dy * xs))
@@ -357,9 +306,7 @@ def _backward(epsilon: float, view: _View, residuals, cotangents):
     projection = dot - offset * dbeta
     slope = scale * inv * inv * projection / n
     constant = scale * dbeta / n - offset * slope
-    dx = dy * view.spread(scale) - (
-        (xs - view.spread(shift)) * view.spread(slope) + view.spread(constant)
-    )
+    dx = dy * scale - ((xs - shift) * slope + constant)
     return dx.astype(x.dtype), projection * inv, dbeta
 
 
