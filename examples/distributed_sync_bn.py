@@ -19,10 +19,16 @@ The training loop is a custom one (``strategy.run``): Keras 3.15's
 ``Model.fit`` fails under ``MultiWorkerMirroredStrategy`` before the first
 step (``_maybe_symbolic_build`` reduces the ``(x, y)`` batch as one tensor).
 
+``--backend torch`` runs the same comparison over ``torch.distributed``
+instead (gloo on 127.0.0.1; see ``distributed_torch.py``), and ``--backend
+jax`` over ``--workers`` CPU devices under ``keras.distribution.DataParallel``
+(see ``distributed_jax.py``).
+
 Run:
     python examples/distributed_sync_bn.py --workers 2
     python examples/distributed_sync_bn.py --backend jax --workers 2
     python examples/distributed_sync_bn.py --workers 2 --synthetic --samples 640
+    python examples/distributed_sync_bn.py --backend torch --workers 2
 
 Example:
     >>> from distributed_sync_bn import Config, train  # doctest: +SKIP
@@ -54,6 +60,7 @@ from lecture_cnn import build_lecture_cnn
 import kerasbn
 
 MODELS = ("lecture", "tiny")
+BACKENDS = ("tensorflow", "jax", "torch")
 LOCAL_SAMPLES = "local_samples"
 BN_TYPES = (kerasbn.BatchNorm,)
 
@@ -362,13 +369,13 @@ def report(results: list[dict], single: dict, single_reversed: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
         "--backend",
-        choices=("tensorflow", "jax"),
-        default="tensorflow",
-        help="jax: --workers CPU devices under keras.distribution (distributed_jax.py)",
+        choices=BACKENDS,
+        default=keras.backend.backend(),
+        help="the Keras backend and its engine (default: the current backend)",
     )
-    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--model", choices=MODELS, default=Config.model)
     parser.add_argument("--samples", type=int, default=Config.samples)
     parser.add_argument("--batch-size", type=int, default=Config.batch_size)
@@ -384,12 +391,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def engine(backend: str):
+    """The module that trains on ``backend``'s distribution engine."""
+    if backend == "torch":
+        import distributed_torch
+
+        return distributed_torch
+    return sys.modules[__name__]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.backend == "jax":
         import distributed_jax
 
         sys.exit(distributed_jax.main(args))
+    if args.backend != keras.backend.backend():
+        if argv is not None:
+            raise ValueError(
+                f"--backend {args.backend} needs KERAS_BACKEND={args.backend} "
+                f"before Keras is imported; Keras runs on {keras.backend.backend()!r}."
+            )
+        # Keras picks its backend when imported: start again on the right one.
+        env = {**os.environ, "KERAS_BACKEND": args.backend}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     config = Config(
         args.model,
         args.samples,
@@ -399,14 +424,16 @@ def main(argv: list[str] | None = None) -> None:
         args.seed,
         args.dtype,
     )
+    trainer = engine(args.backend)
     if args.worker_index is not None:
-        run_worker(config, args.worker_index, args.out)
+        trainer.run_worker(config, args.worker_index, args.out)
         return
     steps = math.ceil(config.samples / config.batch_size)
     print(f"{args.workers} workers, {steps} steps of global batch {config.batch_size}")
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="distributed_sync_bn_"))
-    results = launch_workers(config, args.workers, out_dir, args.timeout)
-    report(results, train(config), train(config, reverse_batches=True))
+    results = trainer.launch_workers(config, args.workers, out_dir, args.timeout)
+    single = trainer.train(config)
+    report(results, single, trainer.train(config, reverse_batches=True))
 
 
 if __name__ == "__main__":

@@ -96,8 +96,10 @@ class ChannelAffine(keras.layers.Layer):
 def _inference_affine(bn) -> tuple[np.ndarray, np.ndarray]:
     """The float64 ``(scale, offset)`` of ``bn`` in inference, statistics-shaped."""
 
-    def values(weight):
-        return None if weight is None else weight.numpy().astype("f8")
+    def values(weight):  # tensors: keras.ops results must not meet NumPy operands
+        if weight is None:
+            return None
+        return ops.convert_to_tensor(ops.convert_to_numpy(weight).astype("f8"))
 
     scale, offset = bn_ops.affine_from_statistics(
         values(bn.moving_mean),

@@ -45,7 +45,9 @@ class BatchNorm(keras.layers.Layer):
         renorm_clipping: dict with optional keys ``rmax``, ``rmin``, ``dmax``.
         renorm_momentum: momentum of the renorm statistics, in [0, 1].
         synchronized: whether training statistics are those of the global batch
-            across all replicas and workers of a ``tf.distribute`` strategy.
+            across all replicas and workers of a ``tf.distribute`` strategy
+            (TensorFlow) or all processes of a ``torch.distributed`` process
+            group (torch).
         virtual_batch_size: ghost batch normalization: in training the batch
             of size B is split into B / v groups of ``v`` samples, each
             normalized with its own statistics; the moving statistics move
@@ -116,9 +118,13 @@ class BatchNorm(keras.layers.Layer):
         self.renorm = bool(renorm)
         self.renorm_clipping = _checks.renorm_clipping(renorm_clipping)
         self.renorm_momentum = _checks.fraction("renorm_momentum", renorm_momentum)
-        if synchronized and keras.backend.backend() not in ("tensorflow", "jax"):
+        if synchronized and keras.backend.backend() not in (
+            "tensorflow",
+            "jax",
+            "torch",
+        ):
             raise ValueError(
-                "`synchronized=True` needs the TensorFlow or JAX backend; the "
+                "`synchronized=True` needs the TensorFlow, JAX or torch backend; the "
                 f"backend is {keras.backend.backend()!r}."
             )
         self.synchronized = bool(synchronized)

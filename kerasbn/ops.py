@@ -43,7 +43,22 @@ class Moments(NamedTuple):
 
     @property
     def variance(self):
-        return ops.divide_no_nan(self.m2, self.count)
+        return divide_no_nan(self.m2, self.count)
+
+
+def divide_no_nan(x, y):
+    """``x / y``, and 0 where ``y`` is 0, in the inputs' dtype.
+
+    ``keras.ops.divide_no_nan`` returns float32 for float64 inputs on PyTorch,
+    which would cost float64 statistics their precision.
+
+    Example:
+        >>> float(divide_no_nan(keras.ops.array(1.0), keras.ops.array(0.0)))
+        0.0
+    """
+    zero = ops.equal(y, 0)
+    quotient = x / ops.where(zero, ops.ones_like(y), y)
+    return ops.where(zero, ops.zeros_like(quotient), quotient)
 
 
 def statistics_dtype(dtype) -> str:
@@ -94,12 +109,12 @@ def sufficient_moments(x, axes: Sequence[int], mask=None) -> Moments:
     centred = x - shift
     if mask is None:
         count = ops.zeros_like(shift) + _sample_count(x, axes)
-        offset = ops.divide_no_nan(ops.sum(centred, axis=axes, keepdims=True), count)
+        offset = divide_no_nan(ops.sum(centred, axis=axes, keepdims=True), count)
         m2 = ops.sum(ops.square(centred - offset), axis=axes, keepdims=True)
     else:
         centred = ops.where(mask, centred, ops.zeros_like(centred))
         count = ops.sum(ops.cast(mask, x.dtype), axis=axes, keepdims=True)
-        offset = ops.divide_no_nan(ops.sum(centred, axis=axes, keepdims=True), count)
+        offset = divide_no_nan(ops.sum(centred, axis=axes, keepdims=True), count)
         deviation = ops.where(mask, centred - offset, ops.zeros_like(centred))
         m2 = ops.sum(ops.square(deviation), axis=axes, keepdims=True)
     return Moments(count, shift, offset, m2)
@@ -182,7 +197,7 @@ def combine_moments(groups: Moments, axis: int = 0) -> Moments:
     common_shift = ops.take_along_axis(shift, largest, axis=axis)
     group_offset = (shift - common_shift) + offset
     total = ops.sum(count, axis=axis)
-    mean_offset = ops.divide_no_nan(ops.sum(count * group_offset, axis=axis), total)
+    mean_offset = divide_no_nan(ops.sum(count * group_offset, axis=axis), total)
     between = count * ops.square(group_offset - ops.expand_dims(mean_offset, axis))
     merged_m2 = ops.sum(m2, axis=axis) + ops.sum(between, axis=axis)
     return Moments(total, ops.squeeze(common_shift, axis), mean_offset, merged_m2)

@@ -220,6 +220,10 @@ def _batches(data, steps: int | None, batch_size: int) -> Iterator:
     """The inputs ``x`` of the first ``steps`` batches of ``data``."""
     if isinstance(data, np.ndarray):
         batches = (data[i : i + batch_size] for i in range(0, len(data), batch_size))
+    elif hasattr(data, "as_numpy_iterator"):
+        # a tf.data.Dataset: NumPy batches serve every Keras backend, while
+        # TensorFlow tensors reach only the TensorFlow backend's predict.
+        batches = data.as_numpy_iterator()
     else:
         batches = iter(data)
     for element in itertools.islice(batches, steps):

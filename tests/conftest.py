@@ -1,18 +1,42 @@
-"""Shared test set-up: two logical CPU devices, NumPy references, a parity log."""
+"""Shared test set-up: backend-neutral helpers, NumPy references, a parity log.
 
+The suite runs on whichever backend ``KERAS_BACKEND`` names. ``train_call``,
+``to_numpy`` and ``float64`` hide the backend; tests of a TensorFlow-only
+feature carry ``tensorflow_only`` (or skip their module) with the reason.
+"""
+
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-# Tests with tf.distribute need two devices; they must exist before TF starts.
-_cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    _cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-)
+BACKEND = keras.backend.backend()
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    # Tests with tf.distribute need two devices; they must exist before TF starts.
+    _cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        _cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+
+
+def tensorflow_only(reason: str):
+    """Marks a test that needs the TensorFlow backend, saying why."""
+    return pytest.mark.skipif(
+        BACKEND != "tensorflow", reason=f"TensorFlow backend only: {reason}"
+    )
+
+
+def not_on(backend: str, reason: str):
+    """Marks a test that cannot run on ``backend``, saying why."""
+    return pytest.mark.skipif(BACKEND == backend, reason=f"not on {backend}: {reason}")
+
 
 # Largest differences from the peer layers seen in this run, by measure name.
 PARITY_LOG: dict[str, float] = {}
@@ -22,7 +46,10 @@ def record(name: str, actual, expected) -> float:
     """Records the largest absolute difference of ``actual`` from ``expected``."""
     diff = float(
         np.max(
-            np.abs(np.asarray(actual, np.float64) - np.asarray(expected, np.float64))
+            np.abs(
+                to_numpy(actual).astype(np.float64)
+                - to_numpy(expected).astype(np.float64)
+            )
         )
     )
     PARITY_LOG[name] = max(PARITY_LOG.get(name, 0.0), diff)
@@ -30,10 +57,36 @@ def record(name: str, actual, expected) -> float:
 
 
 def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"kerasbn: Keras backend {BACKEND}")
     if PARITY_LOG:
-        terminalreporter.section("kerasbn: largest observed differences")
+        terminalreporter.section(f"kerasbn: largest observed differences ({BACKEND})")
         for name, diff in sorted(PARITY_LOG.items()):
             terminalreporter.write_line(f"{name}: {diff:.3g}")
+
+
+def to_numpy(x):
+    """A NumPy array of a tensor or variable of any backend (or of tf_keras)."""
+    if isinstance(x, (list, tuple)):
+        return [to_numpy(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, keras.Variable):
+        x = x.value
+    if type(x).__module__.startswith("tensorflow"):  # a tf_keras peer's output
+        return np.asarray(x)
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+@contextlib.contextmanager
+def float64():
+    """Makes float64 layers compute in float64 (JAX needs x64 switched on)."""
+    if BACKEND == "jax":
+        import jax
+
+        with jax.enable_x64(True):
+            yield
+    else:
+        yield
 
 
 def np_moments(x, channel_axes, mask=None):
@@ -80,18 +133,75 @@ def np_batch_norm_gradients(x, dy, gamma, channel_axes, epsilon):
 
 
 def train_call(layer, x, upstream):
-    """One training call: output, and gradients of sum(y * upstream) w.r.t. x and
-    the layer's trainable weights."""
+    """One training call of a built ``layer`` on the active backend.
+
+    Returns the output and the gradients of ``sum(y * upstream)`` with respect
+    to ``x`` and ``layer.trainable_weights``, as NumPy arrays. The layer's
+    non-trainable variables (moving statistics) update as in a stateful call:
+    ``tf.GradientTape`` on TensorFlow, torch autograd on PyTorch, and on JAX
+    ``jax.value_and_grad`` over ``layer.stateless_call``, whose new
+    non-trainable values are then assigned back. A ``tf_keras`` layer (a peer
+    on any backend) runs under ``tf.GradientTape``.
+    """
+    if not isinstance(layer, keras.Layer):
+        return _tf_train_call(layer, x, upstream)
+    if not layer.built:
+        raise ValueError(f"train_call needs a built layer; {layer.name} is not.")
+    if BACKEND == "tensorflow":
+        return _tf_train_call(layer, x, upstream)
+    if BACKEND == "jax":
+        return _jax_train_call(layer, x, upstream)
+    if BACKEND == "torch":
+        return _torch_train_call(layer, x, upstream)
+    raise NotImplementedError(f"train_call has no branch for backend {BACKEND!r}")
+
+
+def _tf_train_call(layer, x, upstream):
+    import tensorflow as tf
+
     x = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(x)
         y = layer(x, training=True)
-        loss = tf.reduce_sum(y * upstream)
-    return y, tape.gradient(loss, [x] + layer.trainable_weights)
+        loss = tf.reduce_sum(y * tf.constant(upstream, y.dtype))
+    grads = tape.gradient(loss, [x, *layer.trainable_weights])
+    return np.asarray(y), [np.asarray(g) for g in grads]
+
+
+def _jax_train_call(layer, x, upstream):
+    import jax
+    import jax.numpy as jnp
+
+    frozen = [v.value for v in layer.non_trainable_variables]
+
+    def loss(x, trainable):
+        y, new_frozen = layer.stateless_call(trainable, frozen, x, training=True)
+        return jnp.sum(y * jnp.asarray(upstream, y.dtype)), (y, new_frozen)
+
+    trainable = [v.value for v in layer.trainable_variables]
+    (_, (y, new_frozen)), (grad_x, grad_w) = jax.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True
+    )(jnp.asarray(x), trainable)
+    for variable, value in zip(layer.non_trainable_variables, new_frozen):
+        variable.assign(value)
+    return np.asarray(y), [np.asarray(grad_x), *[np.asarray(g) for g in grad_w]]
+
+
+def _torch_train_call(layer, x, upstream):
+    import torch
+
+    x = keras.ops.convert_to_tensor(x).detach().requires_grad_(True)
+    y = layer(x, training=True)
+    loss = torch.sum(y * torch.as_tensor(upstream, dtype=y.dtype, device=y.device))
+    weights = [w.value for w in layer.trainable_weights]
+    grads = torch.autograd.grad(loss, [x, *weights])
+    return to_numpy(y), [to_numpy(g) for g in grads]
 
 
 def run_tflite(tflite_model: bytes, x):
     """The output of a converted TFLite model on ``x`` (its batch size resized)."""
+    import tensorflow as tf
+
     interpreter = tf.lite.Interpreter(model_content=tflite_model)
     index = interpreter.get_input_details()[0]["index"]
     interpreter.resize_tensor_input(index, x.shape)

@@ -10,8 +10,8 @@ generic path's numbers.
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import (
+    BACKEND,
     np_batch_norm,
     np_batch_norm_gradients,
     np_moments,
@@ -19,9 +19,18 @@ from conftest import (
     run_tflite,
 )
 
-import kerasbn
-from kerasbn import backends
-from kerasbn.backends import tensorflow as tf_backend
+if BACKEND != "tensorflow":
+    pytest.skip(
+        "TensorFlow backend only: these tests force and compare"
+        " kerasbn/backends/tensorflow.py's formulations",
+        allow_module_level=True,
+    )
+
+import tensorflow as tf  # noqa: E402
+
+import kerasbn  # noqa: E402
+from kerasbn import backends  # noqa: E402
+from kerasbn.backends import tensorflow as tf_backend  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

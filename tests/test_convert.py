@@ -5,7 +5,7 @@ import inspect
 import keras
 import numpy as np
 import pytest
-from conftest import record
+from conftest import record, to_numpy
 
 import kerasbn
 
@@ -69,7 +69,7 @@ def assert_swapped_layers(converted, model, old_class, new_class):
         swapped += type(old) is old_class
         for w_new, w_old in zip(new.weights, old.weights, strict=True):
             assert w_new.name == w_old.name and w_new.trainable == w_old.trainable
-            np.testing.assert_array_equal(w_new.numpy(), w_old.numpy())
+            np.testing.assert_array_equal(to_numpy(w_new), to_numpy(w_old))
     assert swapped == 4  # keras_bn_model has four BN layers
 
 

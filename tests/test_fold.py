@@ -1,4 +1,8 @@
-"""fold_batch_norms against the original model's predict, NumPy and the TF/TFLite graphs."""
+"""fold_batch_norms against the original model's predict, NumPy and the TF/TFLite graphs.
+
+The SavedModel/TFLite checks need the TensorFlow backend; the rest runs on every
+backend.
+"""
 
 import contextlib
 import importlib.util
@@ -10,8 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from conftest import record, run_tflite
+from conftest import record, run_tflite, tensorflow_only, to_numpy
 
 import kerasbn
 from kerasbn.fold import ChannelAffine
@@ -53,7 +56,7 @@ def assert_predicts_like(folded, model, x, name):
     """max |folded - model| <= 1e-5 * max |model|, output by output."""
     expected = model.predict(x, verbose=0)
     actual = folded.predict(x, verbose=0)
-    for a, e in zip(tf.nest.flatten(actual), tf.nest.flatten(expected)):
+    for a, e in zip(keras.tree.flatten(actual), keras.tree.flatten(expected)):
         relative = np.max(np.abs(a - e)) / np.max(np.abs(e))
         assert relative <= 1e-5, relative
         record(f"fold: {name} (relative)", relative, 0.0)
@@ -231,7 +234,7 @@ def test_channel_affine_matches_numpy_for_list_axes(rng):
     layer.set_weights([scale, offset])
     x = rng.normal(size=(5, 2, 3, 4)).astype("float32")
     expected = x * scale[:, None, :] + offset[:, None, :]
-    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_folded_model_round_trips_through_a_keras_file(tmp_path, rng):
@@ -255,12 +258,17 @@ def test_non_graph_model_is_rejected_with_a_clear_error():
 
 
 def graph_op_types(path):
+    import tensorflow as tf
+
     graph = tf.saved_model.load(path).signatures["serving_default"].graph.as_graph_def()
     library = [node for f in graph.library.function for node in f.node_def]
     return {node.op for node in [*graph.node, *library]}
 
 
+@tensorflow_only("the check reads the op types of a TensorFlow SavedModel graph")
 def test_export_and_tflite_of_folded_model_have_no_batch_norm_ops(tmp_path, rng):
+    import tensorflow as tf
+
     def build(x):  # one BN folds into the conv, one after the ReLU stays an affine
         x = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(x))
         return keras.layers.BatchNormalization()(keras.layers.ReLU()(x))

@@ -1,9 +1,19 @@
-"""Ghost batch normalization (virtual_batch_size) against tf_keras and NumPy."""
+"""Ghost batch normalization (virtual_batch_size) against tf_keras and NumPy.
+
+tf_keras (Keras 2 on TensorFlow) is the peer on every Keras 3 backend: its
+numbers are compared as NumPy arrays.
+"""
 
 import numpy as np
 import pytest
-import tensorflow as tf
-from conftest import np_batch_norm, np_moments, record, train_call
+from conftest import (
+    np_batch_norm,
+    np_moments,
+    record,
+    tensorflow_only,
+    to_numpy,
+    train_call,
+)
 
 import kerasbn
 
@@ -46,14 +56,16 @@ def test_ghost_batches_match_tf_keras(rng, shape, kwargs):
                 np.reshape(w_ref, w.shape),
             )
     x = rng.normal(size=shape).astype("float32")
-    np.testing.assert_allclose(ours(x, training=False), peer(x, training=False), **TOL)
+    np.testing.assert_allclose(
+        to_numpy(ours(x, training=False)), to_numpy(peer(x, training=False)), **TOL
+    )
 
 
 def test_each_ghost_batch_is_normalized_with_its_own_statistics(rng):
     v, groups = 4, 3
     x = rng.normal(2.0, 3.0, (v * groups, 5)).astype("float32")
     layer = kerasbn.BatchNorm(virtual_batch_size=v, momentum=0.0, epsilon=1e-3)
-    y = layer(x, training=True).numpy()
+    y = to_numpy(layer(x, training=True))
     means, variances = [], []
     for g in range(groups):
         members = np.arange(g, v * groups, groups)  # tf.keras's strided layout
@@ -63,8 +75,10 @@ def test_each_ghost_batch_is_normalized_with_its_own_statistics(rng):
         )
         means.append(mean.ravel())
         variances.append(var.ravel())
-    np.testing.assert_allclose(layer.moving_mean, np.mean(means, 0), **TOL)
-    np.testing.assert_allclose(layer.moving_variance, np.mean(variances, 0), **TOL)
+    np.testing.assert_allclose(to_numpy(layer.moving_mean), np.mean(means, 0), **TOL)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_variance), np.mean(variances, 0), **TOL
+    )
 
 
 def test_inference_ignores_virtual_batch_size(rng):
@@ -74,15 +88,23 @@ def test_inference_ignores_virtual_batch_size(rng):
     x = rng.normal(size=(7, 3)).astype("float32")  # 7 is not divisible by 4
     layer.build(x.shape)
     expected = np_batch_norm(
-        x, layer.moving_mean.numpy(), layer.moving_variance.numpy()
+        x, to_numpy(layer.moving_mean), to_numpy(layer.moving_variance)
     )
-    np.testing.assert_allclose(layer(x), expected, **TOL)
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, **TOL)
 
 
 def test_batch_not_divisible_by_virtual_batch_size_is_rejected(rng):
     layer = kerasbn.BatchNorm(virtual_batch_size=4)
     with pytest.raises(ValueError, match=r"virtual_batch_size.*=4.*batch of 6"):
         layer(rng.normal(size=(6, 3)).astype("float32"), training=True)
+
+
+@tensorflow_only("only tf.function traces a call with an unknown batch size")
+def test_dynamic_batch_not_divisible_by_virtual_batch_size_fails_in_graph(rng):
+    import tensorflow as tf
+
+    layer = kerasbn.BatchNorm(virtual_batch_size=4)
+    layer.build((None, 3))
     dynamic = tf.function(
         lambda x: layer(x, training=True),
         input_signature=[tf.TensorSpec((None, 3), tf.float32)],
@@ -120,4 +142,4 @@ def test_masked_ghost_batches_use_only_unmasked_positions(rng):
         members = np.arange(g, v * groups, groups)
         mean, _ = np_moments(x[members], [2], mask[members][..., None])
         means.append(mean.ravel())
-    np.testing.assert_allclose(layer.moving_mean, np.mean(means, 0), **TOL)
+    np.testing.assert_allclose(to_numpy(layer.moving_mean), np.mean(means, 0), **TOL)

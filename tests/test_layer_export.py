@@ -1,12 +1,19 @@
-"""Serialization and deployment: config, .keras, SavedModel and TFLite."""
+"""Serialization and deployment: config, .keras, SavedModel and TFLite.
+
+Config and .keras files work on every backend; SavedModel and TFLite are
+TensorFlow artefacts, tested on the TensorFlow backend.
+"""
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from conftest import record, run_tflite
+from conftest import record, run_tflite, tensorflow_only
 
 import kerasbn
+
+SAVED_MODEL = tensorflow_only(
+    "SavedModel and TFLite are TensorFlow formats, written from the TF graph"
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,10 @@ def test_keras_file_round_trip_needs_no_custom_objects(tmp_path, trained_model):
     )
 
 
+@SAVED_MODEL
 def test_model_export_serve_equals_predict(tmp_path, trained_model):
+    import tensorflow as tf
+
     model, x = trained_model
     path = str(tmp_path / "exported")
     model.export(path, verbose=False)
@@ -70,7 +80,10 @@ def test_model_export_serve_equals_predict(tmp_path, trained_model):
     record("model.export serve vs predict", served, expected)
 
 
+@SAVED_MODEL
 def test_tf_saved_model_save_uses_moving_statistics(tmp_path, trained_model):
+    import tensorflow as tf
+
     model, x = trained_model
     path = str(tmp_path / "saved")
     tf.saved_model.save(model, path)
@@ -85,7 +98,10 @@ def test_tf_saved_model_save_uses_moving_statistics(tmp_path, trained_model):
     )
 
 
+@SAVED_MODEL
 def test_saved_model_converts_to_tflite_and_matches(tmp_path, trained_model):
+    import tensorflow as tf
+
     model, x = trained_model
     path = str(tmp_path / "exported")
     model.export(path, verbose=False)

@@ -1,14 +1,13 @@
 """kerasbn.ops against NumPy and closed forms."""
 
+import keras
 import numpy as np
 import pytest
-from conftest import np_batch_norm, np_moments
+from conftest import np_batch_norm, np_moments, to_numpy
 
 from kerasbn import ops as bn_ops
 
-
-def _np(t):
-    return np.asarray(t)
+_np = to_numpy
 
 
 @pytest.mark.parametrize(
@@ -69,9 +68,7 @@ def test_combine_moments_equals_moments_of_concatenation(rng):
         for n in (5, 0, 17, 1)
     ]
     moments = [bn_ops.sufficient_moments(p, [0]) for p in parts]
-    stacked = bn_ops.Moments(
-        *[np.stack([_np(f) for f in fields]) for fields in zip(*moments)]
-    )
+    stacked = bn_ops.Moments(*[keras.ops.stack(fields) for fields in zip(*moments)])
     merged = bn_ops.combine_moments(stacked)
     ref_mean, ref_var = np_moments(np.concatenate(parts), [1])
     assert float(_np(merged.count)[0, 0]) == 23.0
@@ -95,11 +92,8 @@ def test_normalize_matches_formula(rng):
     mean, var = rng.normal(size=3), rng.random(3) + 0.5
     gamma, beta = rng.normal(size=3), rng.normal(size=3)
     y = bn_ops.normalize(
-        x,
-        mean.astype("float32"),
-        var.astype("float32"),
-        gamma.astype("float32"),
-        beta.astype("float32"),
+        *[keras.ops.convert_to_tensor(a, "float32") for a in (x, mean, var)],
+        *[keras.ops.convert_to_tensor(a, "float32") for a in (gamma, beta)],
         1e-3,
     )
     np.testing.assert_allclose(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import np_batch_norm, np_moments
+from conftest import np_batch_norm, np_moments, to_numpy
 
 import kerasbn
 
@@ -15,11 +15,14 @@ BATCH = 16
 
 
 def as_data(kind: str, x: np.ndarray, batch_size: int = BATCH):
-    """``x`` as a batched tf.data.Dataset of (x, y), an array, or a generator."""
+    """``x`` as a batched tf.data.Dataset of (x, y), an array, or a generator.
+
+    tf.data serves every Keras backend; it needs TensorFlow installed.
+    """
     if kind == "numpy":
         return x
     if kind == "dataset":
-        import tensorflow as tf
+        tf = pytest.importorskip("tensorflow")
 
         y = np.zeros(len(x), "int32")
         return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
@@ -43,7 +46,7 @@ def randomize(model: keras.Model, rng) -> None:
 
 
 def moving(layer) -> tuple[np.ndarray, np.ndarray]:
-    return np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)
+    return to_numpy(layer.moving_mean), to_numpy(layer.moving_variance)
 
 
 @pytest.mark.parametrize("kind", DATA_KINDS)
@@ -79,9 +82,9 @@ def test_deeper_functional_model_matches_numpy_recomputation(rng):
 
     dense1, bn1 = model.layers[1], model.layers[2]
     dense2, bn2 = inner.layers
-    kernel1, bias1 = (np.asarray(w, np.float64) for w in dense1.weights)
-    kernel2, bias2 = (np.asarray(w, np.float64) for w in dense2.weights)
-    gamma1, beta1 = (np.asarray(w, np.float64) for w in (bn1.gamma, bn1.beta))
+    kernel1, bias1 = (to_numpy(w).astype(np.float64) for w in dense1.weights)
+    kernel2, bias2 = (to_numpy(w).astype(np.float64) for w in dense2.weights)
+    gamma1, beta1 = (to_numpy(w).astype(np.float64) for w in (bn1.gamma, bn1.beta))
     h1 = [b @ kernel1 + bias1 for b in batches(x.astype(np.float64))]
     # Upstream BN: batch statistics; Dropout: off.
     h2 = [
@@ -142,7 +145,7 @@ def test_only_moving_statistics_change_and_trainable_flags_are_restored(rng):
     )
     model.layers[3].gamma.trainable = False  # one weight frozen on its own
     randomize(model, rng)
-    before = {w.path: np.asarray(w) for w in model.weights}
+    before = {w.path: to_numpy(w) for w in model.weights}
     layer_flags = [layer.trainable for layer in model.layers]
     weight_flags = {w.path: w.trainable for w in model.weights}
 
@@ -154,7 +157,7 @@ def test_only_moving_statistics_change_and_trainable_flags_are_restored(rng):
         for layer in (renorm_bn, model.layers[3])
         for w in (layer.moving_mean, layer.moving_variance)
     } | {renorm_bn.moving_stddev.path}
-    after = {w.path: np.asarray(w) for w in model.weights}
+    after = {w.path: to_numpy(w) for w in model.weights}
     assert {p for p in before if not np.array_equal(before[p], after[p])} == (
         expected_changes
     )
@@ -177,7 +180,7 @@ def test_frozen_bn_is_recalibrated_with_batch_statistics_upstream(rng):
     first, second = model.layers
     mean, var = np_moments(x, [1])
     np.testing.assert_allclose(moving(first)[1], var.ravel(), rtol=1e-5)
-    gamma, beta = np.asarray(first.gamma), np.asarray(first.beta)
+    gamma, beta = to_numpy(first.gamma), to_numpy(first.beta)
     seen = [np_batch_norm(b, *np_moments(b, [1]), gamma, beta) for b in batches(x, 32)]
     mean2, var2 = np_moments(np.concatenate(seen), [1])
     np.testing.assert_allclose(moving(second)[0], mean2.ravel(), rtol=1e-5, atol=1e-6)
@@ -203,7 +206,7 @@ def test_empty_data_is_an_error_and_leaves_the_model_as_it_was():
     with pytest.raises(ValueError, match="no batch"):
         kerasbn.recalibrate(model, iter([]))
     assert not model.layers[0].trainable
-    np.testing.assert_array_equal(model.layers[0].moving_variance, np.ones(3))
+    np.testing.assert_array_equal(to_numpy(model.layers[0].moving_variance), np.ones(3))
 
 
 def test_subclassed_model_is_refused():

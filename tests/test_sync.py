@@ -3,14 +3,17 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from conftest import np_batch_norm, np_moments, record
+from conftest import np_batch_norm, np_moments, record, tensorflow_only, to_numpy
 
 import kerasbn
+
+MIRRORED = tensorflow_only("runs under tf.distribute.MirroredStrategy")
 
 
 @pytest.fixture(scope="module")
 def strategy():
+    import tensorflow as tf
+
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
     assert len(devices) == 2
     return tf.distribute.MirroredStrategy(devices)
@@ -18,6 +21,8 @@ def strategy():
 
 def _replica_batches(strategy, parts):
     """Per-replica values: replica i gets ``parts[i]`` (shapes may differ)."""
+    import tensorflow as tf
+
     return strategy.experimental_distribute_values_from_function(
         lambda ctx: tf.constant(parts[ctx.replica_id_in_sync_group])
     )
@@ -25,6 +30,8 @@ def _replica_batches(strategy, parts):
 
 def _sync_train_step(strategy, layer, parts, upstream_parts):
     """Runs one training call per replica; returns outputs and input gradients."""
+    import tensorflow as tf
+
     xs = _replica_batches(strategy, parts)
     ups = _replica_batches(strategy, upstream_parts)
 
@@ -41,8 +48,11 @@ def _sync_train_step(strategy, layer, parts, upstream_parts):
     return np.concatenate(local(ys)), np.concatenate(local(grads))
 
 
+@MIRRORED
 @pytest.mark.parametrize("sizes", [(8, 8), (9, 4), (5, 1)])
 def test_synchronized_statistics_are_those_of_the_global_batch(rng, strategy, sizes):
+    import tensorflow as tf
+
     parts = [
         rng.normal(i * 3.0, 1.0 + i, (n, 4, 3)).astype("float32")
         for i, n in enumerate(sizes)
@@ -82,6 +92,7 @@ def _relative_variance_error(strategy, layer_class, x):
     )
 
 
+@MIRRORED
 def test_synchronized_variance_is_accurate_for_large_mean_small_spread(rng, strategy):
     x = (1e4 + 1e-2 * rng.standard_normal((4096, 8))).astype("float32")
     ours = _relative_variance_error(strategy, kerasbn.BatchNorm, x)
@@ -94,12 +105,13 @@ def test_synchronized_variance_is_accurate_for_large_mean_small_spread(rng, stra
 def test_synchronized_outside_a_strategy_is_the_local_computation(rng):
     x = rng.normal(2.0, 3.0, (16, 3)).astype("float32")
     layer = kerasbn.BatchNorm(synchronized=True, momentum=0.0)
-    y = layer(x, training=True)
+    y = to_numpy(layer(x, training=True))
     mean, var = np_moments(x, [1])
     np.testing.assert_allclose(y, np_batch_norm(x, mean, var), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(layer.moving_variance, var.ravel(), rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer.moving_variance), var.ravel(), rtol=1e-5)
 
 
+@MIRRORED
 def test_synchronized_fit_under_mirrored_strategy_matches_full_batch_numpy(
     rng, strategy
 ):

@@ -21,10 +21,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
-from conftest import np_batch_norm, np_moments
+from conftest import BACKEND, np_batch_norm, np_moments
 
-import kerasbn
+if BACKEND != "tensorflow":
+    pytest.skip(
+        "TensorFlow backend only: workers synchronize through"
+        " tf.distribute.MultiWorkerMirroredStrategy",
+        allow_module_level=True,
+    )
+
+import tensorflow as tf  # noqa: E402
+
+import kerasbn  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
