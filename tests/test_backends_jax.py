@@ -90,6 +90,10 @@ def train_call(layer, x, upstream):
     """One jitted training call through ``stateless_call``, as Keras's JAX
     trainer makes it; the new moving statistics are assigned to the layer.
 
+    (``conftest.train_call`` runs eagerly and returns NumPy arrays; the fast
+    path must hold under ``jax.jit``, and these tests check the dtypes of the
+    JAX arrays it returns.)
+
     Returns:
         ``y`` and the gradients of ``sum(y * upstream)`` (``jax.grad``) with
         respect to ``x`` and the layer's trainable weights.
