@@ -20,10 +20,13 @@ The training loop is a custom one (``strategy.run``): Keras 3.15's
 step (``_maybe_symbolic_build`` reduces the ``(x, y)`` batch as one tensor).
 
 ``--backend torch`` runs the same comparison over ``torch.distributed``
-instead (gloo on 127.0.0.1; see ``distributed_torch.py``).
+instead (gloo on 127.0.0.1; see ``distributed_torch.py``), and ``--backend
+jax`` over ``--workers`` CPU devices under ``keras.distribution.DataParallel``
+(see ``distributed_jax.py``).
 
 Run:
     python examples/distributed_sync_bn.py --workers 2
+    python examples/distributed_sync_bn.py --backend jax --workers 2
     python examples/distributed_sync_bn.py --workers 2 --synthetic --samples 640
     python examples/distributed_sync_bn.py --backend torch --workers 2
 
@@ -57,7 +60,7 @@ from lecture_cnn import build_lecture_cnn
 import kerasbn
 
 MODELS = ("lecture", "tiny")
-BACKENDS = ("tensorflow", "torch")
+BACKENDS = ("tensorflow", "jax", "torch")
 LOCAL_SAMPLES = "local_samples"
 BN_TYPES = (kerasbn.BatchNorm,)
 
@@ -399,6 +402,10 @@ def engine(backend: str):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.backend == "jax":
+        import distributed_jax
+
+        sys.exit(distributed_jax.main(args))
     if args.backend != keras.backend.backend():
         if argv is not None:
             raise ValueError(

@@ -118,9 +118,13 @@ class BatchNorm(keras.layers.Layer):
         self.renorm = bool(renorm)
         self.renorm_clipping = _checks.renorm_clipping(renorm_clipping)
         self.renorm_momentum = _checks.fraction("renorm_momentum", renorm_momentum)
-        if synchronized and keras.backend.backend() not in ("tensorflow", "torch"):
+        if synchronized and keras.backend.backend() not in (
+            "tensorflow",
+            "jax",
+            "torch",
+        ):
             raise ValueError(
-                "`synchronized=True` needs the TensorFlow or torch backend; the "
+                "`synchronized=True` needs the TensorFlow, JAX or torch backend; the "
                 f"backend is {keras.backend.backend()!r}."
             )
         self.synchronized = bool(synchronized)

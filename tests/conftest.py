@@ -112,6 +112,26 @@ def np_batch_norm(x, mean, var, gamma=None, beta=None, epsilon=1e-3):
     return y
 
 
+def np_batch_norm_gradients(x, dy, gamma, channel_axes, epsilon):
+    """Float64 gradients of ``sum(BN(x) * dy)`` w.r.t. x, gamma and beta.
+
+    ``BN`` uses the batch's own statistics; gamma and beta are summed over the
+    reduced axes (one value per channel, flattened).
+    """
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    axes = tuple(a for a in range(x.ndim) if a not in channel_axes)
+    mean, var = np_moments(x, channel_axes)
+    inv = 1.0 / np.sqrt(var + epsilon)
+    x_hat = (x - mean) * inv
+    d_x_hat = dy * gamma
+    dx = inv * (
+        d_x_hat
+        - d_x_hat.mean(axis=axes, keepdims=True)
+        - x_hat * (d_x_hat * x_hat).mean(axis=axes, keepdims=True)
+    )
+    return dx, (dy * x_hat).sum(axis=axes), dy.sum(axis=axes)
+
+
 def train_call(layer, x, upstream):
     """One training call of a built ``layer`` on the active backend.
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import (
     BACKEND,
     np_batch_norm,
+    np_batch_norm_gradients,
     np_moments,
     record,
     run_tflite,
@@ -80,22 +81,6 @@ def force_path(monkeypatch):
         monkeypatch.setattr(tf_backend, "_formulation", lambda *args: formulation)
 
     return force
-
-
-def np_batch_norm_gradients(x, dy, gamma, channel_axes, epsilon):
-    """Float64 gradients of ``sum(BN(x) * dy)`` w.r.t. x, gamma and beta."""
-    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
-    axes = tuple(a for a in range(x.ndim) if a not in channel_axes)
-    mean, var = np_moments(x, channel_axes)
-    inv = 1.0 / np.sqrt(var + epsilon)
-    x_hat = (x - mean) * inv
-    d_x_hat = dy * gamma
-    dx = inv * (
-        d_x_hat
-        - d_x_hat.mean(axis=axes, keepdims=True)
-        - x_hat * (d_x_hat * x_hat).mean(axis=axes, keepdims=True)
-    )
-    return dx, (dy * x_hat).sum(axis=axes), dy.sum(axis=axes)
 
 
 def _train_call(layer, x, upstream):

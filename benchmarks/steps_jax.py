@@ -1,0 +1,178 @@
+"""The JAX steps of ``bench_layer.py --backend jax``: what is timed, per contender.
+
+Contenders (``CONTENDERS``, name -> factory(axis)):
+
+* ``kerasbn``: ``kerasbn.BatchNorm``;
+* ``keras``: ``keras.layers.BatchNormalization``;
+* ``flax``: ``flax.linen.BatchNorm`` (momentum 0.99, epsilon 1e-3, as the
+  Keras layers), behind :class:`FlaxBatchNorm`, which gives it the Keras
+  layer methods the driver calls (``build``, ``get_weights``,
+  ``set_weights``, Keras's weight order).
+
+What is timed, identically for all three, with every array already on the
+device and every step compiled by ``jax.jit`` once before timing:
+
+* **train** (:func:`train_step`): one jitted function of ``(x, dy)`` and the
+  layer's state that runs the forward pass in training mode and its
+  vector-Jacobian product with the fixed upstream gradient ``dy``, with
+  respect to ``x`` and the trainable weights (gamma, beta). It returns ``y``,
+  the three gradients and the new moving statistics; the Keras layers run
+  through ``stateless_call`` (as Keras's own JAX trainer does), Flax through
+  ``Module.apply(..., mutable=["batch_stats"])``. The new statistics are
+  returned, not written back, so every call does the same work.
+* **infer** (:func:`inference_step`): one jitted forward pass in inference
+  mode (moving statistics), returning ``y``.
+
+Each call ends with ``jax.block_until_ready`` on all results. The module
+exposes the names every ``steps_<backend>.py`` does: ``CONTENDERS``,
+``PEERS``, ``to_tensor``, ``train_step``, ``inference_step``, ``copy_step``
+and ``formulation``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+import kerasbn
+from kerasbn import backends
+
+
+class FlaxBatchNorm:
+    """``flax.linen.BatchNorm`` with the Keras layer methods the driver uses.
+
+    Args:
+        axis: the channel axis.
+        momentum, epsilon: as the Keras layers (Flax uses the same momentum
+            convention: the weight of the old value).
+    """
+
+    def __init__(self, axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-3):
+        self.axis = axis
+        self.train_module = nn.BatchNorm(
+            use_running_average=False, axis=axis, momentum=momentum, epsilon=epsilon
+        )
+        self.infer_module = nn.BatchNorm(
+            use_running_average=True, axis=axis, momentum=momentum, epsilon=epsilon
+        )
+        self.variables = None
+
+    def build(self, shape: Sequence[int]) -> None:
+        self.variables = self.train_module.init(
+            jax.random.PRNGKey(0), jnp.zeros(shape, jnp.float32)
+        )
+
+    def get_weights(self) -> list[np.ndarray]:
+        """gamma, beta, moving mean, moving variance (Keras's order)."""
+        params, stats = self.variables["params"], self.variables["batch_stats"]
+        return [
+            np.asarray(a)
+            for a in (params["scale"], params["bias"], stats["mean"], stats["var"])
+        ]
+
+    def set_weights(self, weights: Sequence[np.ndarray]) -> None:
+        gamma, beta, mean, var = (jnp.asarray(w) for w in weights)
+        self.variables = {
+            "params": {"scale": gamma, "bias": beta},
+            "batch_stats": {"mean": mean, "var": var},
+        }
+
+
+CONTENDERS: dict[str, Callable[[int], object]] = {
+    "kerasbn": lambda axis: kerasbn.BatchNorm(axis=axis),
+    "keras": lambda axis: keras.layers.BatchNormalization(axis=axis),
+    "flax": FlaxBatchNorm,
+}
+# The contenders kerasbn is compared with, as printed in the table.
+PEERS = {"keras": "Keras 3", "flax": "flax.linen"}
+
+
+def to_tensor(array: np.ndarray):
+    """``array`` as a JAX array on the default device."""
+    return jax.device_put(jnp.asarray(array))
+
+
+def copy_step(x):
+    """A jitted pass that reads ``x`` and writes a new array (``-x``), for the
+    memory-bandwidth floor (XLA elides a plain copy or ``x * 1``)."""
+    negate = jax.jit(lambda t: -t)
+    return lambda: jax.block_until_ready(negate(x))
+
+
+def _keras_train(layer: keras.layers.Layer):
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    @jax.jit
+    def step(x, dy, trainable, non_trainable):
+        def forward(x, trainable):
+            return layer.stateless_call(trainable, non_trainable, x, training=True)
+
+        y, vjp, new_non_trainable = jax.vjp(forward, x, trainable, has_aux=True)
+        dx, d_trainable = vjp(dy)
+        return y, dx, d_trainable, new_non_trainable
+
+    return lambda x, dy: jax.block_until_ready(step(x, dy, trainable, non_trainable))
+
+
+def _flax_train(layer: FlaxBatchNorm):
+    module, variables = layer.train_module, layer.variables
+
+    @jax.jit
+    def step(x, dy, params, batch_stats):
+        def forward(x, params):
+            y, updates = module.apply(
+                {"params": params, "batch_stats": batch_stats},
+                x,
+                mutable=["batch_stats"],
+            )
+            return y, updates["batch_stats"]
+
+        y, vjp, new_stats = jax.vjp(forward, x, params, has_aux=True)
+        dx, d_params = vjp(dy)
+        return y, dx, d_params, new_stats
+
+    return lambda x, dy: jax.block_until_ready(
+        step(x, dy, variables["params"], variables["batch_stats"])
+    )
+
+
+def train_step(layer, shape: Sequence[int]) -> Callable[[object, object], object]:
+    """The jitted train step of a built contender (see the module docstring)."""
+    del shape  # JAX compiles for the shapes of the first call
+    if isinstance(layer, FlaxBatchNorm):
+        return _flax_train(layer)
+    return _keras_train(layer)
+
+
+def inference_step(layer, shape: Sequence[int]) -> Callable[[object], object]:
+    """The jitted inference call of a built contender."""
+    del shape
+    if isinstance(layer, FlaxBatchNorm):
+        module, variables = layer.infer_module, layer.variables
+        step = jax.jit(lambda x, variables: module.apply(variables, x))
+        return lambda x: jax.block_until_ready(step(x, variables))
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    @jax.jit
+    def infer(x, trainable, non_trainable):
+        y, _ = layer.stateless_call(trainable, non_trainable, x, training=False)
+        return y
+
+    return lambda x: jax.block_until_ready(infer(x, trainable, non_trainable))
+
+
+def formulation(shape: Sequence[int], axis: int) -> str:
+    """How kerasbn computes a float32 train step of this shape."""
+    axes = [a for a in range(len(shape)) if a != axis % len(shape)]
+    if backends.implementation(jnp.zeros(shape), axes) is backends.ops:
+        return "generic"
+    from kerasbn.backends import jax as jax_backend
+
+    return jax_backend.formulation(shape, axes)
