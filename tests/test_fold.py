@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import record, run_tflite
+from functional_graphs import every_node_model, to_numpy
+from functional_graphs import inputs as graph_inputs
+from functional_graphs import randomize_batch_norms as randomize_graph_batch_norms
 
 import kerasbn
 from kerasbn.fold import ChannelAffine
@@ -319,3 +322,26 @@ def test_bn_called_with_training_true_in_the_graph_is_refused():
     model = keras.Model(inputs, outputs)
     with pytest.raises(ValueError, match=r"always_batch_stats.*training=True"):
         kerasbn.fold_batch_norms(model)
+
+
+@pytest.mark.parametrize("kind", BN_KINDS)
+def test_fold_handles_op_nodes_shared_layers_nested_models_and_keyword_calls(rng, kind):
+    model = every_node_model(BN_KINDS[kind])
+    randomize_graph_batch_norms(model, rng)
+    folded = kerasbn.fold_batch_norms(model)
+    assert count(folded, BATCH_NORMS) == 0
+    # Absorbed: the BN after a layer it alone consumes, nested ones included.
+    # Kept as affines: after the shared convolution (both calls, one of them
+    # with `inputs=`) and after a convolution whose output an op node reads.
+    affines = {
+        layer.name for layer in leaf_layers(folded) if type(layer) is ChannelAffine
+    }
+    assert affines == {"bn_shared_a", "bn_shared_b", "bn_f"}
+    # Six BN layers of 4 weights go; three affines of 2 come; the conv stays shared.
+    assert len(folded.weights) == len(model.weights) - 4 * 6 + 2 * 3
+    x = graph_inputs(rng)
+    expected = to_numpy(model(x, training=False))
+    for a, e in zip(to_numpy(folded(x, training=False)), expected, strict=True):
+        relative = np.max(np.abs(a - e)) / np.max(np.abs(e))
+        record(f"fold: every-node graph, {kind} (relative)", relative, 0.0)
+        assert relative <= 1e-5, relative
