@@ -3,17 +3,20 @@
 Each architecture is built by Keras with ``weights=None`` on a small input, its
 BN layers get random statistics, and the peer is always the Keras model itself:
 
-* ``from_keras`` gives Keras's inference outputs;
-* one training-mode call gives Keras's outputs and moving statistics to float32
-  rounding. The tolerance is measured in the same test: the same Keras model
-  run in float64 (same weights, same input) gives Keras's own float32 error
-  ``e``, and kerasbn may differ from Keras's float32 result by at most
-  ``TRAINING_FACTOR * e``. Two float32 computations of one exact value that are
-  each ``e`` away from it differ by up to ``2 * e``; the factor leaves room for
-  kerasbn's different (shifted, exact-division) summation order;
-* ``fold_batch_norms`` keeps the predictions and leaves no BN layer;
+* ``from_keras`` gives Keras's inference outputs, and one training-mode call
+  gives Keras's outputs and moving statistics, to float32 rounding;
+* ``fold_batch_norms`` keeps the predictions, to float32 rounding, and leaves
+  no BN layer;
 * a ``.keras`` file of the converted model loads back with the same outputs;
 * ``to_keras(from_keras(model))`` gives back the original configs and weights.
+
+"To float32 rounding" is measured in the same run: the same Keras model run in
+float64 (same weights, same input; JAX with x64 enabled for it) gives Keras's
+own float32 error ``e`` (largest absolute difference), and kerasbn may differ
+from Keras's float32 result by at most ``ROUNDING_FACTOR * e``. Two float32
+computations of one exact value that are each ``e`` away from it differ by up
+to ``2 * e``; the factor leaves room for another summation order (kerasbn's
+shifted moments, TensorFlow's fused kernel, folded weights rounded once).
 
 Included: one model of each BN family, the issue's list and the two first
 versions of MobileNet and Inception-ResNet. Left out: the larger members of a
@@ -59,7 +62,7 @@ ARCHITECTURES = {
     "NASNetMobile": (A.NASNetMobile, 64),
 }
 BATCH = 2
-TRAINING_FACTOR = 4.0
+ROUNDING_FACTOR = 4.0
 BATCH_NORMS = (keras.layers.BatchNormalization, kerasbn.BatchNorm)
 
 # Figures measured in this run, by architecture, for the table script.
@@ -172,33 +175,62 @@ def arch(request):
 def models(arch):
     """The Keras model (random BN statistics), its from_keras copy and an input."""
     rng = np.random.default_rng(0)
-    model = build(arch)
+    try:
+        model = build(arch)
+    except ValueError as error:  # NASNetMobile on PyTorch, in Keras 3.15
+        if "not available with the" in str(error):
+            pytest.skip(f"Keras does not build {arch} here: {error}")
+        raise
     randomize_statistics(model, rng)
     side = ARCHITECTURES[arch][1]
     x = rng.uniform(0.0, 255.0, (BATCH, side, side, 3)).astype("float32")
     return model, kerasbn.from_keras(model), x
 
 
-def test_from_keras_gives_kerass_inference_outputs(arch, models):
+@pytest.fixture(scope="module")
+def float64_keras(arch, models):
+    """Keras's float64 results on the same weights and input: the inference
+    outputs, then the outputs and moving statistics of one training call."""
+    model, _, x = models
+    with float64_enabled():
+        keras64 = build(arch, "float64")
+        keras64.set_weights([w.astype("f8") for w in model.get_weights()])
+        inference = keras64(x.astype("f8"), training=False)
+        assert keras.backend.standardize_dtype(inference.dtype) == "float64"
+        return {
+            "inference": numpy(inference),
+            "training": numpy(keras64(x.astype("f8"), training=True)),
+            "statistics": numpy(moving_statistics(keras64)),
+        }
+
+
+def check_rounding(arch: str, quantity: str, actual, keras32, keras64) -> None:
+    """Asserts ``|actual - keras32| <= ROUNDING_FACTOR * |keras32 - keras64|``
+    (largest absolute differences) and records both relative to the output."""
+    diff, error = max_abs_diff(actual, keras32), max_abs_diff(keras32, keras64)
+    size = scale(keras64)
+    figure(arch, quantity, diff / size)
+    figure(arch, f"{quantity}: keras float32 vs float64", error / size)
+    record(f"applications: {arch} {quantity} (relative)", diff / size, 0.0)
+    assert diff <= ROUNDING_FACTOR * error, (quantity, diff, error)
+
+
+def test_from_keras_gives_kerass_inference_outputs(arch, models, float64_keras):
     model, converted, x = models
     assert len(bn_layers(converted)) == len(bn_layers(model)) > 0
     assert all(isinstance(layer, kerasbn.BatchNorm) for layer in bn_layers(converted))
-    expected = model(x, training=False)
-    diff = max_abs_diff(converted(x, training=False), expected) / scale(expected)
-    figure(arch, "inference", diff)
-    record(f"applications: {arch} from_keras inference (relative)", diff, 0.0)
-    assert diff <= 1e-6
+    keras32 = numpy(model(x, training=False))
+    actual = numpy(converted(x, training=False))
+    check_rounding(arch, "inference", actual, keras32, float64_keras["inference"])
 
 
-def test_fold_keeps_predictions_and_leaves_no_bn(arch, models):
+def test_fold_keeps_predictions_and_leaves_no_bn(arch, models, float64_keras):
     model, _, x = models
     folded = kerasbn.fold_batch_norms(model)
     assert not bn_layers(folded)
-    expected = model(x, training=False)
-    diff = max_abs_diff(folded(x, training=False), expected) / scale(expected)
-    figure(arch, "fold", diff)
-    record(f"applications: {arch} fold (relative)", diff, 0.0)
-    assert diff <= 1e-4
+    keras32 = numpy(model(x, training=False))
+    actual = numpy(folded(x, training=False))
+    check_rounding(arch, "fold", actual, keras32, float64_keras["inference"])
 
 
 def test_keras_file_round_trip_is_exact(arch, models, tmp_path):
@@ -227,25 +259,12 @@ def test_to_keras_gives_back_the_original_configs(arch, models):
     assert exact
 
 
-def test_training_step_matches_keras_to_float32_rounding(arch, models):
+def test_training_step_matches_keras_to_float32_rounding(arch, models, float64_keras):
     # Last of the module's tests: it moves the fixture models' statistics.
     model, converted, x = models
-    outputs, statistics = {}, {}
-    for name, m in (("keras", model), ("kerasbn", converted)):
-        outputs[name] = numpy(m(x, training=True))
-        statistics[name] = numpy(moving_statistics(m))
-    with float64_enabled():
-        keras64 = build(arch, "float64")
-        keras64.set_weights([w.astype("f8") for w in model.get_weights()])
-        y64 = keras64(x.astype("f8"), training=True)
-        assert keras.backend.standardize_dtype(y64.dtype) == "float64"
-        outputs["keras64"] = numpy(y64)
-        statistics["keras64"] = numpy(moving_statistics(keras64))
-    for quantity, values in (("training", outputs), ("statistics", statistics)):
-        error = max_abs_diff(values["keras"], values["keras64"])
-        diff = max_abs_diff(values["kerasbn"], values["keras"])
-        size = scale(values["keras64"])
-        figure(arch, quantity, diff / size)
-        figure(arch, f"{quantity} keras32 vs keras64", error / size)
-        record(f"applications: {arch} {quantity} (relative)", diff / size, 0.0)
-        assert diff <= TRAINING_FACTOR * error, (quantity, diff, error)
+    for quantity, run in (
+        ("training", lambda m: m(x, training=True)),
+        ("statistics", moving_statistics),
+    ):
+        keras32, actual = numpy(run(model)), numpy(run(converted))
+        check_rounding(arch, quantity, actual, keras32, float64_keras[quantity])
