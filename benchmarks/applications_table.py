@@ -16,6 +16,10 @@ asserted: one row per architecture, one column per backend. A cell reads
 * to_keras: ``exact`` when ``to_keras(from_keras(model))`` has the original
   model's config and weights.
 
+A ``-`` is a figure not measured: Keras does not build that architecture on
+that backend (NASNetMobile on PyTorch in Keras 3.15), or the test failed
+before measuring it.
+
 Below it, Keras's own float32 error (float32 against float64, same weights
 and input) for the same quantities, which the tests use as the tolerance
 (see the module docstring of ``tests/test_applications.py``).
@@ -23,6 +27,7 @@ and input) for the same quantities, which the tests use as the tolerance
 Usage::
 
     python benchmarks/applications_table.py [--backends tensorflow jax torch]
+        [--parallel]
 """
 
 from __future__ import annotations
@@ -41,43 +46,48 @@ BACKENDS = ("tensorflow", "jax", "torch")
 QUANTITIES = ("inference", "training", "statistics", "fold")
 
 
-def run_backend(backend: str) -> tuple[dict, str, float]:
+def start_backend(backend: str, folder: str) -> tuple[subprocess.Popen, str, float]:
+    """Starts one backend's run of the suite; returns the process, the path of
+    its figures and the start time."""
+    path = os.path.join(folder, f"{backend}.json")
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "KERASBN_APPLICATIONS_JSON": path,
+        "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-W",
+        "ignore::DeprecationWarning",
+        "-W",
+        "ignore::UserWarning",
+        str(ROOT / "tests" / "test_applications.py"),
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    return process, path, time.perf_counter()
+
+
+def finish_backend(process, path: str, start: float) -> tuple[dict, str, float]:
     """The figures of one backend's run, pytest's summary line and the wall time."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "figures.json")
-        env = {
-            **os.environ,
-            "KERAS_BACKEND": backend,
-            "KERASBN_APPLICATIONS_JSON": path,
-            "PYTHONPATH": os.pathsep.join(
-                [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-            ),
-        }
-        command = [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-W",
-            "ignore::DeprecationWarning",
-            "-W",
-            "ignore::UserWarning",
-            str(ROOT / "tests" / "test_applications.py"),
-        ]
-        start = time.perf_counter()
-        result = subprocess.run(
-            command, cwd=ROOT, env=env, capture_output=True, text=True
-        )
-        seconds = time.perf_counter() - start
-        lines = [line for line in result.stdout.splitlines() if line.strip()]
-        summary = lines[-1] if lines else result.stderr.strip()[-300:]
-        figures = {}
-        if os.path.exists(path):
-            with open(path) as file:
-                figures = json.load(file)["figures"]
-        return figures, summary, seconds
+    stdout, stderr = process.communicate()
+    seconds = time.perf_counter() - start
+    lines = [line for line in stdout.decode().splitlines() if line.strip()]
+    summary = lines[-1] if lines else stderr.decode().strip()[-300:]
+    figures = {}
+    if os.path.exists(path):
+        with open(path) as file:
+            figures = json.load(file)["figures"]
+    return figures, summary, seconds
 
 
 def number(value) -> str:
@@ -120,11 +130,22 @@ def table(title: str, results: dict, format_cell) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS))
+    parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run the backends at the same time (faster in all, slower each)",
+    )
     args = parser.parse_args()
     results = {}
-    for backend in args.backends:
-        results[backend] = run_backend(backend)
-        print(f"{backend}: {results[backend][1]} ({results[backend][2]:.0f} s)")
+    with tempfile.TemporaryDirectory() as folder:
+        if args.parallel:
+            started = {b: start_backend(b, folder) for b in args.backends}
+            results = {b: finish_backend(*run) for b, run in started.items()}
+        else:
+            for backend in args.backends:
+                results[backend] = finish_backend(*start_backend(backend, folder))
+    for backend, (_, summary, seconds) in results.items():
+        print(f"{backend}: {summary} ({seconds:.0f} s)")
     print()
     lines = table(
         "kerasbn against Keras: inference / training / statistics / fold, "
