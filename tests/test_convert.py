@@ -248,3 +248,16 @@ def test_converted_every_node_model_round_trips_through_a_keras_file(rng, tmp_pa
     x = graph_inputs(rng)
     for a, e in zip(to_numpy(loaded(x)), to_numpy(converted(x)), strict=True):
         np.testing.assert_array_equal(a, e)
+
+
+def test_frozen_nested_functional_model_stays_frozen_and_keeps_its_config():
+    # keras.models.clone_model alone would drop the nested model's flag.
+    inner_in = keras.Input((4,))
+    inner = keras.Model(inner_in, KERAS_BN()(L.Dense(3)(inner_in)), name="backbone")
+    inner.trainable = False
+    outer_in = keras.Input((4,), name="features")
+    model = keras.Model(outer_in, L.Dense(2)(inner(outer_in)))
+    converted = kerasbn.from_keras(model)
+    assert converted.get_layer("backbone").trainable is False
+    assert len(converted.trainable_weights) == len(model.trainable_weights) == 2
+    assert kerasbn.to_keras(converted).get_config() == model.get_config()
