@@ -123,7 +123,9 @@ def rewrite(model, replace: Callable) -> keras.Model:
         return copies[id(layer)]
 
     def call(new, *args, **kwargs):
-        return args[0] if new is None else new(*args, **kwargs)
+        if new is None:  # a removed layer: its input flows through
+            return args[0] if args else kwargs["inputs"]
+        return new(*args, **kwargs)
 
     def rebuild(m):
         if not isinstance(m, keras.Sequential):
@@ -199,7 +201,7 @@ def sole_consumer_pairs(model) -> list[tuple]:
     """Pairs ``(producer, consumer)`` of layers directly connected in ``model``.
 
     Each layer of a pair is called once in ``model``, the consumer's first
-    positional argument is the producer's output, and nothing else (no other
+    argument (positional, or the keyword ``inputs``) is the producer's output, and nothing else (no other
     layer or operation, no model output) uses that output. In a Sequential
     model these are the consecutive layers. Operation nodes that are not
     layers count as users but are never part of a pair.
@@ -217,15 +219,20 @@ def sole_consumer_pairs(model) -> list[tuple]:
     operations = {operation.name: operation for operation in model.operations}
     pairs = []
     for name, nodes in calls.items():
-        if len(nodes) != 1 or not nodes[0]["args"]:
+        if len(nodes) != 1:
             continue
-        first = _keras_histories(nodes[0]["args"][0])
+        first = _keras_histories(_first_argument(nodes[0]))
         if len(first) != 1 or uses[first[0]] != 1:
             continue
         producer, consumer = operations[first[0][0]], operations[name]
         if len(calls[producer.name]) == 1 and is_layer(producer) and is_layer(consumer):
             pairs.append((producer, consumer))
     return pairs
+
+
+def _first_argument(node: dict):
+    """A serialized call's first argument: positional, or the keyword ``inputs``."""
+    return node["args"][0] if node["args"] else node.get("kwargs", {}).get("inputs")
 
 
 def layers_called_with(model, argument: str, value) -> list[str]:

@@ -345,3 +345,23 @@ def test_fold_handles_op_nodes_shared_layers_nested_models_and_keyword_calls(rng
         relative = np.max(np.abs(a - e)) / np.max(np.abs(e))
         record(f"fold: every-node graph, {kind} (relative)", relative, 0.0)
         assert relative <= 1e-5, relative
+
+
+def test_bn_called_with_the_inputs_keyword_is_folded_into_its_producer(rng):
+    inputs = keras.Input((6, 6, 3))
+    conv = keras.layers.Conv2D(4, 3, name="conv")
+    outputs = keras.layers.BatchNormalization(name="bn")(inputs=conv(inputs))
+    model = keras.Model(inputs, keras.ops.relu(outputs))
+    randomize_graph_batch_norms(model, rng)
+    folded = kerasbn.fold_batch_norms(model)
+    assert [type(layer).__name__ for layer in leaf_layers(folded)] == [
+        "InputLayer",
+        "Conv2D",
+    ]
+    x = rng.normal(size=(2, 6, 6, 3)).astype("float32")
+    expected = to_numpy(model(x))[0]
+    relative = np.max(np.abs(to_numpy(folded(x))[0] - expected)) / np.max(
+        np.abs(expected)
+    )
+    record("fold: BN called with inputs= (relative)", relative, 0.0)
+    assert relative <= 1e-5, relative
