@@ -27,7 +27,7 @@ and input) for the same quantities, which the tests use as the tolerance
 Usage::
 
     python benchmarks/applications_table.py [--backends tensorflow jax torch]
-        [--parallel]
+        [--parallel] [--timeout SECONDS]
 """
 
 from __future__ import annotations
@@ -77,12 +77,29 @@ def start_backend(backend: str, folder: str) -> tuple[subprocess.Popen, str, flo
     return process, path, time.perf_counter()
 
 
-def finish_backend(process, path: str, start: float) -> tuple[dict, str, float]:
-    """The figures of one backend's run, pytest's summary line and the wall time."""
-    stdout, stderr = process.communicate()
+def finish_backend(
+    process, path: str, start: float, timeout: float | None = None
+) -> tuple[dict, str, float]:
+    """The figures of one backend's run, pytest's summary line and the wall time.
+
+    A run still going ``timeout`` seconds after ``start`` is stopped; the
+    figures it measured until then are kept.
+    """
+    remaining = (
+        None if timeout is None else max(1.0, start + timeout - time.perf_counter())
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=remaining)
+        cut = False
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        cut = True
     seconds = time.perf_counter() - start
     lines = [line for line in stdout.decode().splitlines() if line.strip()]
     summary = lines[-1] if lines else stderr.decode().strip()[-300:]
+    if cut:
+        summary = f"stopped after {timeout:.0f} s, progress: {summary}"
     figures = {}
     if os.path.exists(path):
         with open(path) as file:
@@ -135,15 +152,24 @@ def main() -> None:
         action="store_true",
         help="run the backends at the same time (faster in all, slower each)",
     )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="stop a backend's run after this many seconds, keeping its figures",
+    )
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         if args.parallel:
             started = {b: start_backend(b, folder) for b in args.backends}
-            results = {b: finish_backend(*run) for b, run in started.items()}
+            results = {
+                b: finish_backend(*run, args.timeout) for b, run in started.items()
+            }
         else:
             for backend in args.backends:
-                results[backend] = finish_backend(*start_backend(backend, folder))
+                run = start_backend(backend, folder)
+                results[backend] = finish_backend(*run, args.timeout)
     for backend, (_, summary, seconds) in results.items():
         print(f"{backend}: {summary} ({seconds:.0f} s)")
     print()

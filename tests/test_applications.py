@@ -69,17 +69,14 @@ BATCH_NORMS = (keras.layers.BatchNormalization, kerasbn.BatchNorm)
 FIGURES: dict[str, dict[str, float | bool]] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def write_figures():
-    yield
+def figure(arch: str, name: str, value) -> None:
+    """Keeps a measured figure; with ``KERASBN_APPLICATIONS_JSON`` set, also
+    writes every figure so far to that file (a run cut short keeps its own)."""
+    FIGURES.setdefault(arch, {})[name] = value
     path = os.environ.get("KERASBN_APPLICATIONS_JSON")
     if path:
         with open(path, "w") as file:
             json.dump({"backend": keras.backend.backend(), "figures": FIGURES}, file)
-
-
-def figure(arch: str, name: str, value) -> None:
-    FIGURES.setdefault(arch, {})[name] = value
 
 
 def build(arch: str, dtype: str = "float32") -> keras.Model:
