@@ -201,10 +201,10 @@ def sole_consumer_pairs(model) -> list[tuple]:
     """Pairs ``(producer, consumer)`` of layers directly connected in ``model``.
 
     Each layer of a pair is called once in ``model``, the consumer's first
-    argument (positional, or the keyword ``inputs``) is the producer's output, and nothing else (no other
-    layer or operation, no model output) uses that output. In a Sequential
-    model these are the consecutive layers. Operation nodes that are not
-    layers count as users but are never part of a pair.
+    argument (positional, or the keyword ``inputs``) is the producer's output,
+    and nothing else (no other layer or operation, no model output) uses that
+    output. In a Sequential model these are the consecutive layers. Operation
+    nodes that are not layers count as users but are never part of a pair.
 
     Returns:
         A list of pairs of the original layer objects.
