@@ -27,7 +27,7 @@ and input) for the same quantities, which the tests use as the tolerance
 Usage::
 
     python benchmarks/applications_table.py [--backends tensorflow jax torch]
-        [--parallel] [--timeout SECONDS]
+        [--parallel] [--timeout SECONDS] [--load BACKEND=PATH ...]
 """
 
 from __future__ import annotations
@@ -153,12 +153,22 @@ def main() -> None:
         help="run the backends at the same time (faster in all, slower each)",
     )
     parser.add_argument(
+        "--load",
+        nargs="+",
+        default=[],
+        metavar="BACKEND=PATH",
+        help="print figures that a run with KERASBN_APPLICATIONS_JSON=PATH wrote "
+        "instead of running that backend",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=None,
         help="stop a backend's run after this many seconds, keeping its figures",
     )
     args = parser.parse_args()
+    loaded = dict(item.split("=", 1) for item in args.load)
+    args.backends = [b for b in args.backends if b not in loaded]
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         if args.parallel:
@@ -170,6 +180,9 @@ def main() -> None:
             for backend in args.backends:
                 run = start_backend(backend, folder)
                 results[backend] = finish_backend(*run, args.timeout)
+    for backend, path in loaded.items():
+        with open(path) as file:
+            results[backend] = (json.load(file)["figures"], f"loaded from {path}", 0.0)
     for backend, (_, summary, seconds) in results.items():
         print(f"{backend}: {summary} ({seconds:.0f} s)")
     print()
