@@ -4,8 +4,14 @@
 Only public Keras API is used: ``keras.models.clone_model`` (with
 ``clone_function`` and ``call_function``), ``keras.Sequential``, the layers'
 ``get_config``/``get_build_config``/``get_weights``, and the functional
-model's ``get_config()``, which lists every layer call with the
-``keras_history`` ``(layer name, node index, tensor index)`` of its inputs.
+model's ``get_config()``, which lists every call with the ``keras_history``
+``(operation name, node index, tensor index)`` of its inputs.
+
+A functional graph holds operations, of which layers are one kind: a
+``keras.ops`` call on a symbolic tensor (``x + 3.0``, ``keras.ops.multiply``)
+is an operation node without weights, state or build. Such nodes are never
+given to a tool's per-layer callback; they are re-created from their config,
+as ``keras.models.clone_model`` does by default.
 """
 
 from __future__ import annotations
@@ -66,11 +72,30 @@ def copy_layer(layer):
     return copy_state(layer, type(layer).from_config(layer.get_config()))
 
 
+def is_layer(operation) -> bool:
+    """Whether a graph node's operation is a layer (an operation that may hold
+    weights and must be built), rather than a bare ``keras.ops`` operation."""
+    return isinstance(operation, keras.layers.Layer)
+
+
+def copy_operation(operation):
+    """A bare operation (not a layer) re-created from its config, as
+    ``keras.models.clone_model`` does; the operation itself where its class
+    cannot be serialized. An operation holds no state, so either computes the
+    same thing."""
+    try:
+        config = operation.get_config()
+    except NotImplementedError:  # Keras's own refusal for unserializable args
+        return operation
+    return type(operation).from_config(config)
+
+
 def rewrite(model, replace: Callable) -> keras.Model:
     """A copy of ``model`` where each layer becomes ``replace(layer)``.
 
     Nested Sequential and functional models are rebuilt in the same way. A
     layer (or nested model) that appears several times maps to one copy.
+    Operation nodes that are not layers are re-created (:func:`copy_operation`).
 
     Args:
         model: a Sequential or functional model.
@@ -89,6 +114,8 @@ def rewrite(model, replace: Callable) -> keras.Model:
         if id(layer) not in copies:
             if is_graph_model(layer):
                 new = rebuild(layer)
+            elif not is_layer(layer):
+                new = copy_operation(layer)
             else:
                 new = replace(layer)
                 new = copy_layer(layer) if new is layer else new
@@ -96,11 +123,21 @@ def rewrite(model, replace: Callable) -> keras.Model:
         return copies[id(layer)]
 
     def call(new, *args, **kwargs):
-        return args[0] if new is None else new(*args, **kwargs)
+        if new is None:  # a removed layer: its input flows through
+            return args[0] if args else kwargs["inputs"]
+        return new(*args, **kwargs)
 
     def rebuild(m):
         if not isinstance(m, keras.Sequential):
-            return keras.models.clone_model(m, clone_function=copy, call_function=call)
+            new_model = keras.models.clone_model(
+                m,
+                input_tensors=keras.tree.map_structure(_new_input(m), m.input),
+                clone_function=copy,
+                call_function=call,
+            )
+            if not m.trainable:  # as Keras's from_config sets it: for every layer
+                new_model.trainable = False
+            return new_model
         if not m.built:
             raise ValueError(f"The Sequential model {m.name!r} must be built.")
         layers = [new for new in map(copy, m.layers) if new is not None]
@@ -112,6 +149,26 @@ def rewrite(model, replace: Callable) -> keras.Model:
         return new_model
 
     return rebuild(model)
+
+
+def _new_input(functional) -> Callable:
+    """A function from one of ``functional``'s inputs to a new ``keras.Input``
+    with the config (name included) of the input layer that made it.
+
+    (``clone_model`` alone names new inputs after the tensors, not the input
+    layers, so the configs would change.)
+    """
+    layers = {
+        id(operation.output): operation
+        for operation in functional.operations
+        if isinstance(operation, keras.layers.InputLayer)
+    }
+
+    def new_input(tensor):
+        layer = layers[id(tensor)]
+        return type(layer).from_config(layer.get_config()).output
+
+    return new_input
 
 
 def _input_of(sequential):
@@ -144,9 +201,10 @@ def sole_consumer_pairs(model) -> list[tuple]:
     """Pairs ``(producer, consumer)`` of layers directly connected in ``model``.
 
     Each layer of a pair is called once in ``model``, the consumer's first
-    positional argument is the producer's output, and nothing else (no other
-    layer, no model output) uses that output. In a Sequential model these are
-    the consecutive layers.
+    argument (positional, or the keyword ``inputs``) is the producer's output,
+    and nothing else (no other layer or operation, no model output) uses that
+    output. In a Sequential model these are the consecutive layers. Operation
+    nodes that are not layers count as users but are never part of a pair.
 
     Returns:
         A list of pairs of the original layer objects.
@@ -158,17 +216,23 @@ def sole_consumer_pairs(model) -> list[tuple]:
     uses = Counter(_keras_histories(config["output_layers"]))
     for nodes in calls.values():
         uses.update(_keras_histories(nodes))
+    operations = {operation.name: operation for operation in model.operations}
     pairs = []
     for name, nodes in calls.items():
-        if len(nodes) != 1 or not nodes[0]["args"]:
+        if len(nodes) != 1:
             continue
-        first = _keras_histories(nodes[0]["args"][0])
+        first = _keras_histories(_first_argument(nodes[0]))
         if len(first) != 1 or uses[first[0]] != 1:
             continue
-        producer = first[0][0]
-        if len(calls[producer]) == 1:
-            pairs.append((model.get_layer(producer), model.get_layer(name)))
+        producer, consumer = operations[first[0][0]], operations[name]
+        if len(calls[producer.name]) == 1 and is_layer(producer) and is_layer(consumer):
+            pairs.append((producer, consumer))
     return pairs
+
+
+def _first_argument(node: dict):
+    """A serialized call's first argument: positional, or the keyword ``inputs``."""
+    return node["args"][0] if node["args"] else node.get("kwargs", {}).get("inputs")
 
 
 def layers_called_with(model, argument: str, value) -> list[str]:

@@ -14,7 +14,6 @@ import numpy as np
 from keras import ops
 
 from kerasbn import _graph
-from kerasbn import ops as bn_ops
 from kerasbn.layer import BatchNorm
 
 _BATCH_NORMS = (BatchNorm, keras.layers.BatchNormalization)
@@ -52,7 +51,7 @@ class ChannelAffine(keras.layers.Layer):
         >>> layer = ChannelAffine(axis=1)
         >>> layer.build((None, 2, 3))
         >>> layer.set_weights([np.array([2.0, 3.0]), np.array([1.0, 0.0])])
-        >>> layer(np.ones((1, 2, 3), "float32")).numpy().tolist()
+        >>> keras.ops.convert_to_numpy(layer(np.ones((1, 2, 3), "float32"))).tolist()
         [[[3.0, 3.0, 3.0], [3.0, 3.0, 3.0]]]
     """
 
@@ -94,23 +93,20 @@ class ChannelAffine(keras.layers.Layer):
 
 
 def _inference_affine(bn) -> tuple[np.ndarray, np.ndarray]:
-    """The float64 ``(scale, offset)`` of ``bn`` in inference, statistics-shaped."""
+    """The float64 ``(scale, offset)`` of ``bn`` in inference, statistics-shaped.
 
-    def values(weight):  # tensors: keras.ops results must not meet NumPy operands
+    The formula of :func:`kerasbn.ops.affine_from_statistics`, evaluated in
+    NumPy on the weights' values: folded weights are then rounded once, from
+    float64, on every backend (JAX without x64 has no float64 tensors).
+    """
+
+    def value(weight, default: float) -> np.ndarray:
         if weight is None:
-            return None
-        return ops.convert_to_tensor(ops.convert_to_numpy(weight).astype("f8"))
+            return np.full(bn.moving_mean.shape, default)
+        return ops.convert_to_numpy(weight).astype("f8")
 
-    scale, offset = bn_ops.affine_from_statistics(
-        values(bn.moving_mean),
-        values(bn.moving_variance),
-        values(bn.gamma),
-        values(bn.beta),
-        bn.epsilon,
-    )
-    shape = bn.moving_mean.shape
-    scale = np.broadcast_to(ops.convert_to_numpy(scale), shape)
-    return scale, np.broadcast_to(ops.convert_to_numpy(offset), shape)
+    scale = value(bn.gamma, 1.0) / np.sqrt(value(bn.moving_variance, 1.0) + bn.epsilon)
+    return scale, value(bn.beta, 0.0) - value(bn.moving_mean, 0.0) * scale
 
 
 def _channel_affine(bn) -> ChannelAffine:
@@ -138,9 +134,9 @@ def _can_fold(producer, bn) -> bool:
 def _folded(producer, bn):
     """A copy of ``producer`` (with a bias) whose output equals ``bn(producer(x))``."""
     scale, offset = (a.ravel() for a in _inference_affine(bn))
-    kernel = producer.kernel.numpy()
+    kernel = ops.convert_to_numpy(producer.kernel)
     bias = (
-        producer.bias.numpy().astype("f8")
+        ops.convert_to_numpy(producer.bias).astype("f8")
         if producer.use_bias
         else np.zeros_like(scale)
     )

@@ -15,9 +15,13 @@ How the pass runs:
   will see at inference, except that the BN layers upstream use batch
   statistics. (With Dropout active, a BN after it would get the inflated
   variance of dropped-out inputs, which inference never sees.)
-* each BN's per-batch shifted moments ``(count, shift, offset, m2)`` are
-  merged exactly, in float64, with :func:`kerasbn.ops.merge_moments` (Chan et
-  al.): neither an average of per-batch EMAs nor ``E[x**2] - E[x]**2``.
+* each BN's shifted moments ``(count, shift, offset, m2)`` of one batch are
+  computed on the device (:func:`kerasbn.ops.sufficient_moments`; a BN called
+  several times per batch merges its calls with
+  :func:`kerasbn.ops.merge_moments`), then merged across batches exactly (Chan
+  et al.) in NumPy float64 on the host: neither an average of per-batch EMAs
+  nor ``E[x**2] - E[x]**2``, and float64 on every backend, JAX without x64
+  included.
 
 Only the public layer API and ``keras.models.clone_model`` are used: a probe
 model reuses the model's own layers and wraps each BN layer in a recorder.
@@ -37,7 +41,6 @@ from kerasbn import ops as bn_ops
 from kerasbn.layer import BatchNorm
 
 BN_LAYERS = (BatchNorm, keras.layers.BatchNormalization)
-_ACCUMULATOR_DTYPE = "float64"
 
 
 def recalibrate(
@@ -58,8 +61,10 @@ def recalibrate(
             ``kerasbn.BatchNorm`` and/or ``keras.layers.BatchNormalization``
             layers. It is updated in place.
         data: a batched ``tf.data.Dataset``, a NumPy array of inputs, or an
-            iterable (e.g. a generator) of batches. Elements may be ``x`` or
-            ``(x, y[, sample_weight])``; only ``x`` is used.
+            iterable (e.g. a generator or a ``torch`` DataLoader) of batches,
+            on any backend. Elements may be ``x`` or ``(x, y[,
+            sample_weight])``; only ``x`` is used. ``x`` may be a list or dict
+            for a model with several inputs.
         steps: the number of batches to use; None for all of them.
         batch_size: the batch size for a NumPy array. The batch statistics of
             the upstream BN layers depend on it: use the training batch size.
@@ -93,13 +98,17 @@ def recalibrate(
         for layer in layers:
             layer.trainable = True  # a frozen BN would not use batch statistics
         probe = _probe(model, recorders)
-        seen = 0
+        pooled: list = [None] * len(layers)
         for x in _batches(data, steps, batch_size):
             probe.predict_on_batch(x)
-            seen += 1
-        if seen == 0:
+            for i, layer in enumerate(layers):
+                batch = recorders[id(layer)].take()
+                pooled[i] = batch if pooled[i] is None else _merge(pooled[i], batch)
+        if pooled[0] is None:
             raise ValueError("`data` gave no batch; recalibrate needs at least one.")
-        statistics = [recorders[id(layer)].population() for layer in layers]
+        statistics = [
+            _population(layer, moments) for layer, moments in zip(layers, pooled)
+        ]
     finally:
         for layer, weights, flags in zip(layers, saved_weights, saved_flags):
             layer.set_weights(weights)
@@ -121,7 +130,12 @@ def _bn_layers(model: keras.Model) -> list[keras.layers.Layer]:
 
 
 class _MomentsRecorder(keras.layers.Layer):
-    """Calls a BN layer in training mode and pools the moments of its inputs."""
+    """Calls a BN layer in training mode and keeps the moments of its inputs.
+
+    The moments of every call since the last :meth:`take` are merged in the
+    statistics dtype (float32 at least), so a BN shared by several nodes
+    counts each of its calls in a batch.
+    """
 
     def __init__(self, bn: keras.layers.Layer, **kwargs):
         super().__init__(name=f"{bn.name}_recorder", **kwargs)
@@ -136,12 +150,13 @@ class _MomentsRecorder(keras.layers.Layer):
         self._channel_axes = sorted(a % ndim for a in axes)
         self._reduction_axes = [a for a in range(ndim) if a not in self._channel_axes]
         shape = [input_shape[a] if a in self._channel_axes else 1 for a in range(ndim)]
-        self._accumulators = bn_ops.Moments(
+        dtype = bn_ops.statistics_dtype(self.bn.compute_dtype)
+        self._moments = bn_ops.Moments(
             *[
                 self.add_weight(
                     shape=shape,
                     initializer="zeros",
-                    dtype=_ACCUMULATOR_DTYPE,
+                    dtype=dtype,
                     trainable=False,
                     autocast=False,
                     name=name,
@@ -152,36 +167,66 @@ class _MomentsRecorder(keras.layers.Layer):
 
     def call(self, inputs, mask=None):
         batch = bn_ops.sufficient_moments(
-            inputs, self._reduction_axes, self._broadcastable(mask)
+            inputs, self._reduction_axes, _broadcastable(mask, inputs)
         )
-        batch = bn_ops.Moments(*[ops.cast(f, _ACCUMULATOR_DTYPE) for f in batch])
-        pooled = bn_ops.Moments(
-            *[ops.convert_to_tensor(a.value) for a in self._accumulators]
-        )
-        merged = bn_ops.merge_moments(pooled, batch)
-        for accumulator, value in zip(self._accumulators, merged):
-            accumulator.assign(value)
+        dtype = self._moments.count.dtype
+        batch = bn_ops.Moments(*[ops.cast(f, dtype) for f in batch])
+        seen = bn_ops.Moments(*[ops.convert_to_tensor(m.value) for m in self._moments])
+        for variable, value in zip(self._moments, bn_ops.merge_moments(seen, batch)):
+            variable.assign(value)
         return self.bn(inputs, training=True, mask=mask)
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def _broadcastable(self, mask):
-        if mask is None:
-            return None
-        for axis in self._channel_axes:
-            mask = ops.expand_dims(mask, axis)
-        return mask
+    def take(self) -> bn_ops.Moments:
+        """The moments recorded since the last call, as float64 NumPy arrays
+        with the channel axes only; the record starts afresh."""
+        shape = tuple(self._moments.count.shape[a] for a in self._channel_axes)
+        moments = bn_ops.Moments(
+            *[
+                ops.convert_to_numpy(m).astype("f8").reshape(shape)
+                for m in self._moments
+            ]
+        )
+        for variable in self._moments:
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
+        return moments
 
-    def population(self) -> tuple[np.ndarray, np.ndarray]:
-        """The pooled ``(mean, biased variance)``, channel axes only."""
-        count, shift, offset, m2 = (np.asarray(a) for a in self._accumulators)
-        if np.any(count == 0):
-            raise ValueError(
-                f"BN layer {self.bn.name!r} saw no unmasked value during the "
-                "recalibration pass, so it has no population statistics."
-            )
-        return shift + offset, m2 / count
+
+def _broadcastable(mask, inputs):
+    """A Keras layer mask as :func:`kerasbn.ops.sufficient_moments` takes it.
+
+    Keras's rule for BN: a mask of the input's rank minus one is expanded at
+    the last axis; a mask of the input's rank is used as it is.
+    """
+    if mask is None or len(mask.shape) == len(inputs.shape):
+        return mask
+    return ops.expand_dims(mask, -1)
+
+
+def _merge(a: bn_ops.Moments, b: bn_ops.Moments) -> bn_ops.Moments:
+    """Chan et al.'s exact merge of two moments, in NumPy float64, kept around
+    ``a``'s shift. Channels that ``b`` did not see (count 0) keep ``a``."""
+    delta = (b.shift - a.shift) + (b.offset - a.offset)  # b's mean minus a's
+    count = a.count + b.count
+    weight = np.divide(b.count, count, out=np.zeros_like(count), where=count > 0)
+    return bn_ops.Moments(
+        count,
+        a.shift,
+        a.offset + delta * weight,
+        a.m2 + b.m2 + a.count * weight * delta * delta,
+    )
+
+
+def _population(layer, moments: bn_ops.Moments) -> tuple[np.ndarray, np.ndarray]:
+    """The pooled ``(mean, biased variance)`` of one BN layer's inputs."""
+    if np.any(moments.count == 0):
+        raise ValueError(
+            f"BN layer {layer.name!r} saw no unmasked value during the "
+            "recalibration pass, so it has no population statistics."
+        )
+    return moments.shift + moments.offset, moments.m2 / moments.count
 
 
 def _probe(model: keras.Model, recorders: dict) -> keras.Model:
@@ -228,7 +273,17 @@ def _batches(data, steps: int | None, batch_size: int) -> Iterator:
         batches = iter(data)
     for element in itertools.islice(batches, steps):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(element)
-        yield x
+        yield keras.tree.map_structure(_as_input, x)
+
+
+def _as_input(value):
+    """One input array as ``predict_on_batch`` takes it on the active backend.
+
+    Its own tensors pass as they are; anything else (a ``tf.Tensor`` from a
+    ``tf.data.Dataset`` on JAX or PyTorch, a list) becomes a NumPy array, as
+    Keras's data adapters do for ``fit`` and ``predict``.
+    """
+    return value if ops.is_tensor(value) else np.asarray(value)
 
 
 def _set_moving_statistics(layer, mean: np.ndarray, variance: np.ndarray) -> None:

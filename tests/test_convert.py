@@ -1,11 +1,15 @@
 """from_keras / to_keras against the original model (the peer), config and weights."""
 
 import inspect
+import json
 
 import keras
 import numpy as np
 import pytest
 from conftest import record, to_numpy
+from functional_graphs import every_node_model, flat_numpy, randomize_batch_norms
+from functional_graphs import inputs as graph_inputs
+from functional_graphs import leaf_layers as all_leaf_layers
 
 import kerasbn
 
@@ -186,3 +190,75 @@ def test_to_keras_refuses_a_kerasbn_only_option_but_converts_its_default(bn_clas
 def test_non_graph_model_is_rejected_with_a_clear_error():
     with pytest.raises(ValueError, match="to_keras.*Sequential or functional"):
         kerasbn.to_keras(keras.layers.Dense(3))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_from_keras_handles_op_nodes_shared_layers_nested_models_and_keyword_calls(
+    rng, training
+):
+    model = every_node_model()
+    randomize_batch_norms(model, rng)
+    converted = kerasbn.from_keras(model)
+    names = {type(layer): [] for layer in all_leaf_layers(converted)}
+    for layer in all_leaf_layers(converted):
+        names[type(layer)].append(layer.name)
+    assert sorted(names[kerasbn.BatchNorm]) == sorted(
+        layer.name for layer in all_leaf_layers(model) if isinstance(layer, KERAS_BN)
+    )
+    assert len(names[kerasbn.BatchNorm]) == 6 and KERAS_BN not in names
+    assert len(converted.weights) == len(model.weights)  # the conv is still shared
+    x = graph_inputs(rng)
+    actual, expected = converted(x, training=training), model(x, training=training)
+    for a, e in zip(flat_numpy(actual), flat_numpy(expected), strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+        record(f"convert: every-node graph, training={training}", a, e)
+    moved = {  # a training call moved both models' statistics the same way
+        layer.name: flat_numpy([layer.moving_mean, layer.moving_variance])
+        for layer in all_leaf_layers(converted)
+        if isinstance(layer, kerasbn.BatchNorm)
+    }
+    for layer in all_leaf_layers(model):
+        if isinstance(layer, KERAS_BN):
+            for a, e in zip(
+                moved[layer.name],
+                flat_numpy([layer.moving_mean, layer.moving_variance]),
+            ):
+                np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
+
+
+def test_to_keras_of_from_keras_gives_back_every_node_models_config_and_weights(rng):
+    model = every_node_model()
+    randomize_batch_norms(model, rng)
+    back = kerasbn.to_keras(kerasbn.from_keras(model))
+    assert back.get_config() == model.get_config()
+    for a, e in zip(flat_numpy(back.weights), flat_numpy(model.weights), strict=True):
+        np.testing.assert_array_equal(a, e)
+    x = graph_inputs(rng)
+    for a, e in zip(flat_numpy(back(x)), flat_numpy(model(x)), strict=True):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_converted_every_node_model_round_trips_through_a_keras_file(rng, tmp_path):
+    model = every_node_model()
+    randomize_batch_norms(model, rng)
+    converted = kerasbn.from_keras(model)
+    converted.save(tmp_path / "converted.keras")
+    loaded = keras.saving.load_model(tmp_path / "converted.keras")
+    # JSON turns the configs' tuples into lists, for Keras's own layers too.
+    assert json.dumps(loaded.get_config()) == json.dumps(converted.get_config())
+    x = graph_inputs(rng)
+    for a, e in zip(flat_numpy(loaded(x)), flat_numpy(converted(x)), strict=True):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_frozen_nested_functional_model_stays_frozen_and_keeps_its_config():
+    # keras.models.clone_model alone would drop the nested model's flag.
+    inner_in = keras.Input((4,))
+    inner = keras.Model(inner_in, KERAS_BN()(L.Dense(3)(inner_in)), name="backbone")
+    inner.trainable = False
+    outer_in = keras.Input((4,), name="features")
+    model = keras.Model(outer_in, L.Dense(2)(inner(outer_in)))
+    converted = kerasbn.from_keras(model)
+    assert converted.get_layer("backbone").trainable is False
+    assert len(converted.trainable_weights) == len(model.trainable_weights) == 2
+    assert kerasbn.to_keras(converted).get_config() == model.get_config()

@@ -15,6 +15,9 @@ import keras
 import numpy as np
 import pytest
 from conftest import record, run_tflite, tensorflow_only, to_numpy
+from functional_graphs import every_node_model, flat_numpy
+from functional_graphs import inputs as graph_inputs
+from functional_graphs import randomize_batch_norms as randomize_graph_batch_norms
 
 import kerasbn
 from kerasbn.fold import ChannelAffine
@@ -327,3 +330,46 @@ def test_bn_called_with_training_true_in_the_graph_is_refused():
     model = keras.Model(inputs, outputs)
     with pytest.raises(ValueError, match=r"always_batch_stats.*training=True"):
         kerasbn.fold_batch_norms(model)
+
+
+@pytest.mark.parametrize("kind", BN_KINDS)
+def test_fold_handles_op_nodes_shared_layers_nested_models_and_keyword_calls(rng, kind):
+    model = every_node_model(BN_KINDS[kind])
+    randomize_graph_batch_norms(model, rng)
+    folded = kerasbn.fold_batch_norms(model)
+    assert count(folded, BATCH_NORMS) == 0
+    # Absorbed: the BN after a layer it alone consumes, nested ones included.
+    # Kept as affines: after the shared convolution (both calls, one of them
+    # with `inputs=`) and after a convolution whose output an op node reads.
+    affines = {
+        layer.name for layer in leaf_layers(folded) if type(layer) is ChannelAffine
+    }
+    assert affines == {"bn_shared_a", "bn_shared_b", "bn_f"}
+    # Six BN layers of 4 weights go; three affines of 2 come; the conv stays shared.
+    assert len(folded.weights) == len(model.weights) - 4 * 6 + 2 * 3
+    x = graph_inputs(rng)
+    expected = flat_numpy(model(x, training=False))
+    for a, e in zip(flat_numpy(folded(x, training=False)), expected, strict=True):
+        relative = np.max(np.abs(a - e)) / np.max(np.abs(e))
+        record(f"fold: every-node graph, {kind} (relative)", relative, 0.0)
+        assert relative <= 1e-5, relative
+
+
+def test_bn_called_with_the_inputs_keyword_is_folded_into_its_producer(rng):
+    inputs = keras.Input((6, 6, 3))
+    conv = keras.layers.Conv2D(4, 3, name="conv")
+    outputs = keras.layers.BatchNormalization(name="bn")(inputs=conv(inputs))
+    model = keras.Model(inputs, keras.ops.relu(outputs))
+    randomize_graph_batch_norms(model, rng)
+    folded = kerasbn.fold_batch_norms(model)
+    assert [type(layer).__name__ for layer in leaf_layers(folded)] == [
+        "InputLayer",
+        "Conv2D",
+    ]
+    x = rng.normal(size=(2, 6, 6, 3)).astype("float32")
+    expected = flat_numpy(model(x))[0]
+    relative = np.max(np.abs(flat_numpy(folded(x))[0] - expected)) / np.max(
+        np.abs(expected)
+    )
+    record("fold: BN called with inputs= (relative)", relative, 0.0)
+    assert relative <= 1e-5, relative

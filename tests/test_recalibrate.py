@@ -222,3 +222,55 @@ def test_subclassed_model_is_refused():
     model(np.ones((2, 3), "float32"))
     with pytest.raises(TypeError, match="Sequential or functional"):
         kerasbn.recalibrate(model, np.ones((4, 3), "float32"))
+
+
+@pytest.mark.parametrize("bn_class", BN_CLASSES)
+def test_shared_bn_in_a_two_input_graph_with_op_nodes_pools_both_calls(rng, bn_class):
+    # One BN called on `a + 3.0` and (by keyword) on `2 * b`, then a nested
+    # functional model's Keras BN on the sum; a tf.data.Dataset of dicts.
+    a_in, b_in = keras.Input((5,), name="a"), keras.Input((5,), name="b")
+    shared = bn_class(name="shared_bn")
+    h1 = shared(a_in + 3.0)
+    h2 = shared(inputs=keras.ops.multiply(b_in, 2.0))
+    inner_in = keras.Input((5,))
+    inner_bn = keras.layers.BatchNormalization(epsilon=0.01, name="inner_bn")
+    inner = keras.Model(inner_in, inner_bn(inner_in), name="inner")
+    model = keras.Model({"a": a_in, "b": b_in}, [inner(h1 + h2), h1])
+    randomize(model, rng)
+    a = rng.normal(1.0, 2.0, (50, 5)).astype("float32")
+    b = rng.normal(-2.0, 0.5, (50, 5)).astype("float32")
+    import tensorflow as tf  # the data pipeline, on every backend
+
+    data = tf.data.Dataset.from_tensor_slices(({"a": a, "b": b}, a)).batch(BATCH)
+
+    kerasbn.recalibrate(model, data)
+
+    gamma, beta = (np.asarray(w, np.float64) for w in (shared.gamma, shared.beta))
+    u, v = batches(a.astype("f8") + 3.0), batches(2.0 * b.astype("f8"))
+    sums = [
+        np_batch_norm(ui, *np_moments(ui, [1]), gamma, beta)
+        + np_batch_norm(vi, *np_moments(vi, [1]), gamma, beta)
+        for ui, vi in zip(u, v)
+    ]
+    for layer, inputs_seen in ((shared, u + v), (inner_bn, sums)):
+        mean, var = np_moments(np.concatenate(inputs_seen), [1])
+        np.testing.assert_allclose(moving(layer)[0], mean.ravel(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(moving(layer)[1], var.ravel(), rtol=1e-5)
+
+
+def test_population_statistics_are_pooled_in_float64_on_every_backend():
+    # 1/8 steps around 1e4: each batch of two has exact float32 moments, and
+    # only a float64 merge of the 500 batches (JAX without x64 included) gives
+    # the correctly rounded population variance; a float32 merge was off by up
+    # to 11 ulps here.
+    rng = np.random.default_rng(7)
+    x = (1e4 + rng.integers(-512, 512, (1000, 16)) / 8).astype("float32")
+    model = keras.Sequential([keras.Input((16,)), kerasbn.BatchNorm()])
+    kerasbn.recalibrate(model, x, batch_size=2)
+    mean, var = np_moments(x, [1])
+    np.testing.assert_array_max_ulp(
+        moving(model.layers[0])[0], mean.ravel().astype("f4")
+    )
+    np.testing.assert_array_max_ulp(
+        moving(model.layers[0])[1], var.ravel().astype("f4")
+    )
