@@ -167,7 +167,7 @@ class _MomentsRecorder(keras.layers.Layer):
 
     def call(self, inputs, mask=None):
         batch = bn_ops.sufficient_moments(
-            inputs, self._reduction_axes, _broadcastable(mask, inputs)
+            inputs, self._reduction_axes, bn_ops.expand_mask(mask, inputs)
         )
         dtype = self._moments.count.dtype
         batch = bn_ops.Moments(*[ops.cast(f, dtype) for f in batch])
@@ -192,17 +192,6 @@ class _MomentsRecorder(keras.layers.Layer):
         for variable in self._moments:
             variable.assign(ops.zeros(variable.shape, variable.dtype))
         return moments
-
-
-def _broadcastable(mask, inputs):
-    """A Keras layer mask as :func:`kerasbn.ops.sufficient_moments` takes it.
-
-    Keras's rule for BN: a mask of the input's rank minus one is expanded at
-    the last axis; a mask of the input's rank is used as it is.
-    """
-    if mask is None or len(mask.shape) == len(inputs.shape):
-        return mask
-    return ops.expand_dims(mask, -1)
 
 
 def _merge(a: bn_ops.Moments, b: bn_ops.Moments) -> bn_ops.Moments:
