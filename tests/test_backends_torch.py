@@ -213,19 +213,10 @@ def test_reference_gradients_match_central_finite_differences():
     "shape, axes",
     [((6, 5), [0]), ((4, 3, 2, 5), [0, 1, 2]), ((4, 5, 3, 2), [0, 2, 3])],
 )
-def test_gradients_match_finite_differences_in_float64(
-    path, shape, axes, force_path, request
-):
+def test_gradients_match_finite_differences_in_float64(path, shape, axes, force_path):
     channel_axes = [a for a in range(len(shape)) if a not in axes]
     if not _path_fits(path, shape, channel_axes):
         pytest.skip(f"{path} does not view this input")
-    if path == "generic":
-        # Keras's divide_no_nan on torch returns float32 for float64 operands,
-        # so kerasbn.ops.Moments.variance is float32 there and the finite
-        # differences see its rounding.
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="kerasbn.ops variance is float32")
-        )
     force_path(path)
     stats_shape = [d if a in channel_axes else 1 for a, d in enumerate(shape)]
     generator = torch.Generator().manual_seed(0)
