@@ -172,6 +172,7 @@ def arch(request):
 def models(arch):
     """The Keras model (random BN statistics), its from_keras copy and an input."""
     rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)  # the same initial weights in every run
     try:
         model = build(arch)
     except ValueError as error:  # NASNetMobile on PyTorch, in Keras 3.15
