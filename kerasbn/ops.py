@@ -293,7 +293,11 @@ def ema_update(moving, value, momentum: float):
 
 def all_finite(*tensors):
     """A scalar boolean: every element of every tensor is finite."""
-    return ops.all(ops.stack([ops.all(ops.isfinite(t)) for t in tensors]))
+    finite = [ops.all(ops.isfinite(t)) for t in tensors]
+    result = finite[0]
+    for flag in finite[1:]:
+        result = ops.logical_and(result, flag)
+    return result
 
 
 def renorm_correction(
