@@ -54,6 +54,8 @@ def start_backend(backend: str, folder: str) -> tuple[subprocess.Popen, str, flo
         **os.environ,
         "KERAS_BACKEND": backend,
         "KERASBN_APPLICATIONS_JSON": path,
+        # every architecture, unless the caller names some
+        "KERASBN_APPLICATIONS": os.environ.get("KERASBN_APPLICATIONS", "all"),
         "PYTHONPATH": os.pathsep.join(
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
         ),

@@ -19,9 +19,12 @@ shifted moments, TensorFlow's fused kernel, folded weights rounded once), whose
 error bounds differ by a small constant factor; a wrong statistic or a missed
 BN layer is off by orders of magnitude more.
 
-``KERASBN_APPLICATIONS=ResNet50,MobileNetV3Small`` restricts the run to those
-architectures (CI runs every one on TensorFlow and a few on JAX and PyTorch,
-where building the graphs costs several times more).
+By default the suite runs two architectures (:data:`DEFAULT_ARCHITECTURES`),
+so that the whole test command stays within CI's budget on all three
+backends (building these graphs costs minutes per architecture on JAX);
+``KERASBN_APPLICATIONS=all`` runs every one, and
+``KERASBN_APPLICATIONS=ResNet50,Xception`` the ones named.
+``benchmarks/applications_table.py`` runs them all.
 
 Included: one model of each BN family, the issue's list and the two first
 versions of MobileNet and Inception-ResNet. Left out: the larger members of a
@@ -168,17 +171,27 @@ def moving_statistics(model) -> list:
     ]
 
 
+# What the default run covers, so that the whole suite stays within CI's budget
+# on every backend: the op nodes of hard-swish and squeeze-excitation, depthwise
+# convolutions, Rescaling and Normalization layers, and BN after every kind of
+# convolution. ``KERASBN_APPLICATIONS=all`` runs every architecture.
+DEFAULT_ARCHITECTURES = ("MobileNetV3Small", "EfficientNetB0")
+
+
 def selected() -> list[str]:
-    """The architectures named in ``KERASBN_APPLICATIONS``, else all of them."""
-    names = os.environ.get("KERASBN_APPLICATIONS")
+    """The architectures named in ``KERASBN_APPLICATIONS`` (``all`` for every
+    one), else :data:`DEFAULT_ARCHITECTURES`."""
+    names = os.environ.get("KERASBN_APPLICATIONS", "")
     if not names:
+        return list(DEFAULT_ARCHITECTURES)
+    if names == "all":
         return list(ARCHITECTURES)
     chosen = [name.strip() for name in names.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(ARCHITECTURES))
     if unknown:
         raise ValueError(
             f"KERASBN_APPLICATIONS names unknown architectures {unknown}; "
-            f"known: {sorted(ARCHITECTURES)}."
+            f"known: {sorted(ARCHITECTURES)} or all."
         )
     return chosen
 
