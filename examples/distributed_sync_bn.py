@@ -273,8 +273,8 @@ def launch_workers(
 ) -> list[dict]:
     """Runs ``workers`` worker processes of this script and collects their arrays.
 
-    Every worker is killed when one fails, at the deadline, or on any error
-    here (in a ``finally``).
+    The workers join one ``MultiWorkerMirroredStrategy`` cluster (``TF_CONFIG``
+    on 127.0.0.1); see :func:`run_processes`.
 
     Args:
         config: what every worker trains.
@@ -289,18 +289,50 @@ def launch_workers(
         RuntimeError: a worker failed (the message holds its log's tail).
         TimeoutError: the workers did not finish within ``timeout`` seconds.
     """
+    ports = free_ports(workers)
+    return run_processes(
+        workers,
+        lambda index: (
+            _worker_command(config, index, out_dir),
+            {"TF_CONFIG": tf_config(ports, index)},
+        ),
+        out_dir,
+        timeout,
+    )
+
+
+def run_processes(workers: int, spec, out_dir: Path, timeout: float) -> list[dict]:
+    """Starts ``workers`` processes, waits for all, and loads their arrays.
+
+    Every process is killed when one fails, at the deadline, or on any error
+    here (in a ``finally``).
+
+    Args:
+        workers: the number of processes.
+        spec: ``spec(index) -> (command, environment variables)`` of process
+            ``index``; the variables are added to this process's environment.
+        out_dir: where process ``i`` writes ``worker_<i>.npz``; its output goes
+            to ``worker_<i>.log`` there.
+        timeout: seconds for all of them.
+
+    Returns:
+        Each process's arrays.
+
+    Raises:
+        RuntimeError: a process failed (the message holds its log's tail).
+        TimeoutError: the processes did not finish within ``timeout`` seconds.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ports = free_ports(workers)
     processes = []
     try:
         for index in range(workers):
-            env = {**os.environ, "TF_CONFIG": tf_config(ports, index)}
+            command, env = spec(index)
             with open(out_dir / f"worker_{index}.log", "wb") as log:
                 processes.append(
                     subprocess.Popen(
-                        _worker_command(config, index, out_dir),
-                        env=env,
+                        command,
+                        env={**os.environ, **env},
                         stdout=log,
                         stderr=subprocess.STDOUT,
                     )

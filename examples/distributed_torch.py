@@ -26,9 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-import subprocess
-import time
 from pathlib import Path
 
 import keras
@@ -38,7 +35,6 @@ import torch.distributed as dist
 from distributed_sync_bn import (
     LOCAL_SAMPLES,
     Config,
-    _wait,
     _worker_command,
     build_model,
     default_float,
@@ -46,6 +42,7 @@ from distributed_sync_bn import (
     free_ports,
     load_data,
     reverse_within_batches,
+    run_processes,
     synchronized_copy,
 )
 
@@ -131,34 +128,22 @@ def launch_workers(
         RuntimeError: a worker failed (the message holds its log's tail).
         TimeoutError: the workers did not finish within ``timeout`` seconds.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     (port,) = free_ports(1)
-    processes = []
-    try:
-        for rank in range(workers):
-            env = {
-                **os.environ,
+    return run_processes(
+        workers,
+        lambda rank: (
+            [*_worker_command(config, rank, out_dir), "--backend=torch"],
+            {
                 "KERAS_BACKEND": "torch",
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
                 "RANK": str(rank),
                 "WORLD_SIZE": str(workers),
-            }
-            command = [*_worker_command(config, rank, out_dir), "--backend=torch"]
-            with open(out_dir / f"worker_{rank}.log", "wb") as log:
-                processes.append(
-                    subprocess.Popen(
-                        command, env=env, stdout=log, stderr=subprocess.STDOUT
-                    )
-                )
-        _wait(processes, out_dir, time.monotonic() + timeout)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-    return [dict(np.load(out_dir / f"worker_{i}.npz")) for i in range(workers)]
+            },
+        ),
+        out_dir,
+        timeout,
+    )
 
 
 def run_worker(config: Config, index: int, out_dir: Path) -> None:
