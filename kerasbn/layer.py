@@ -10,10 +10,10 @@ from kerasbn import ops as bn_ops
 
 
 def _average_groups(group_axis, *statistics):
-    """The statistics averaged over ``group_axis`` (kept), or as they are."""
+    """The statistics averaged over ``group_axis`` (dropped), or as they are."""
     if group_axis is None:
         return statistics
-    return tuple(ops.mean(t, axis=group_axis, keepdims=True) for t in statistics)
+    return tuple(ops.mean(t, axis=group_axis) for t in statistics)
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
@@ -146,9 +146,14 @@ class BatchNorm(keras.layers.Layer):
             )
         self._channel_axes = channel_axes
         self._reduction_axes = [a for a in range(ndim) if a not in channel_axes]
-        self._broadcast_shape = [
+        self._broadcast_shape = tuple(
             input_shape[a] if a in channel_axes else 1 for a in range(ndim)
-        ]
+        )
+        # Trailing channel axes: the weights broadcast against the input as
+        # they are (NumPy's rule aligns shapes at the right), with no reshape.
+        self._weights_broadcast = channel_axes == list(
+            range(ndim - len(channel_axes), ndim)
+        )
         shape = tuple(input_shape[a] for a in channel_axes)
         self._add_weights(shape)
         self.input_spec = keras.layers.InputSpec(
@@ -287,44 +292,29 @@ class BatchNorm(keras.layers.Layer):
 
     # --------------------------------------------------------- moving updates
     def _update_moving_statistics(self, mean, variance, mask):
-        mean = ops.reshape(mean, self.moving_mean.shape)
-        variance = ops.reshape(variance, self.moving_variance.shape)
+        mean = ops.squeeze(mean, axis=self._reduction_axes)
+        variance = ops.squeeze(variance, axis=self._reduction_axes)
         usable = bn_ops.all_finite(mean, variance)
         if mask is not None:  # a channel that saw no value keeps its statistics
             seen = ops.any(mask, axis=self._reduction_axes)
-            usable = ops.logical_and(usable, ops.reshape(seen, mean.shape))
+            usable = ops.logical_and(usable, seen)
         for variable, value in self._moving_updates(mean, variance):
-            current = ops.convert_to_tensor(variable)
+            current = variable.value
             variable.assign(ops.where(usable, ops.cast(value, variable.dtype), current))
 
     def _moving_updates(self, mean, variance):
         """Pairs ``(variable, new value)`` of one training step."""
         if not self.renorm:
             return [
-                (
-                    self.moving_mean,
-                    bn_ops.ema_update(self.moving_mean, mean, self.momentum),
-                ),
-                (
-                    self.moving_variance,
-                    bn_ops.ema_update(self.moving_variance, variance, self.momentum),
-                ),
+                self._ema(self.moving_mean, mean),
+                self._ema(self.moving_variance, variance),
             ]
         stddev = ops.sqrt(variance + self.epsilon)
-        moving_stddev = bn_ops.ema_update(self.moving_stddev, stddev, self.momentum)
+        _, moving_stddev = self._ema(self.moving_stddev, stddev)
         return [
-            (
-                self.renorm_mean,
-                bn_ops.ema_update(self.renorm_mean, mean, self.renorm_momentum),
-            ),
-            (
-                self.renorm_stddev,
-                bn_ops.ema_update(self.renorm_stddev, stddev, self.renorm_momentum),
-            ),
-            (
-                self.moving_mean,
-                bn_ops.ema_update(self.moving_mean, mean, self.momentum),
-            ),
+            self._ema(self.renorm_mean, mean, self.renorm_momentum),
+            self._ema(self.renorm_stddev, stddev, self.renorm_momentum),
+            self._ema(self.moving_mean, mean),
             (self.moving_stddev, moving_stddev),
             (
                 self.moving_variance,
@@ -332,11 +322,20 @@ class BatchNorm(keras.layers.Layer):
             ),
         ]
 
+    def _ema(self, variable, value, momentum=None):
+        """``(variable, its moving average towards value)``, at the layer's momentum
+        unless another is given."""
+        momentum = self.momentum if momentum is None else momentum
+        return variable, bn_ops.ema_update(variable.value, value, momentum)
+
     # ---------------------------------------------------------------- helpers
     def _broadcast(self, weight):
+        """``weight``'s value, broadcastable against the input (None stays None)."""
         if weight is None:
             return None
-        return ops.reshape(weight, self._broadcast_shape)
+        if self._weights_broadcast:
+            return weight.value
+        return ops.reshape(weight.value, self._broadcast_shape)
 
     def _check_batch_has_spread(self, inputs):
         sizes = [inputs.shape[a] for a in self._reduction_axes]

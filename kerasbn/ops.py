@@ -292,12 +292,21 @@ def ema_update(moving, value, momentum: float):
 
 
 def all_finite(*tensors):
-    """A scalar boolean: every element of every tensor is finite."""
-    finite = [ops.all(ops.isfinite(t)) for t in tensors]
-    result = finite[0]
-    for flag in finite[1:]:
-        result = ops.logical_and(result, flag)
-    return result
+    """A scalar boolean: every element of every tensor is finite.
+
+    ``t * 0`` is 0 where ``t`` is finite and NaN where it is ±inf or NaN, so
+    the sum of all of them is 0 exactly when every element is finite. That
+    is one reduction per tensor and no overflow, where ``all(isfinite(t))``
+    chains twice the ops (each op is a Python dispatch on an eager backend).
+
+    Example:
+        >>> bool(all_finite(keras.ops.ones(3), keras.ops.array([0.0, float("inf")])))
+        False
+    """
+    total = 0.0
+    for t in tensors:
+        total = total + ops.sum(t * 0.0)
+    return total == 0.0
 
 
 def renorm_correction(

@@ -46,6 +46,40 @@ def implementation(x, axes: Sequence[int], mask=None):
     return ops
 
 
+def channels_of_reduction(rank: int, axes: Sequence[int]) -> list[int] | None:
+    """The channel axes (those not reduced) of a rank-``rank`` input, sorted.
+
+    None where nothing is reduced, which no fast path serves.
+
+    Example:
+        >>> channels_of_reduction(4, [0, -2, 1])
+        [3]
+    """
+    if not axes:
+        return None
+    reduced = {a % rank for a in axes}
+    return [a for a in range(rank) if a not in reduced]
+
+
+def channels_of_statistic(shape: Sequence[int], rank: int) -> list[int] | None:
+    """The axes of a rank-``rank`` input along which a statistic of ``shape`` varies.
+
+    Shapes are aligned at the right, as broadcasting aligns them, so the layer's
+    ``(C,)`` weights of a channels-last input give the last axis. A statistic
+    with a single value gives the last axis too; one of higher rank, None.
+
+    Example:
+        >>> channels_of_statistic((1, 8, 1, 1), 4), channels_of_statistic((8,), 4)
+        ([1], [3])
+    """
+    shape = tuple(shape)
+    if len(shape) > rank:
+        return None
+    start = rank - len(shape)
+    axes = [start + i for i, d in enumerate(shape) if d != 1]
+    return axes or [rank - 1]
+
+
 def global_moments(local: ops.Moments) -> ops.Moments:
     """The moments of the global batch, merged over the backend's engine.
 

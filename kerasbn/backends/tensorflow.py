@@ -62,7 +62,7 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
-from kerasbn import ops
+from kerasbn import backends, ops
 
 DTYPES = ("float16", "bfloat16", "float32")
 # (channel multiple, fewest elements): the fused kernel is faster from that size
@@ -104,11 +104,10 @@ def _view(shape: tf.TensorShape, channel_axes: Sequence[int]) -> _View | None:
 
 
 def _view_of_reduction(shape: tf.TensorShape, axes: Sequence[int]) -> _View | None:
-    rank = shape.rank
-    if rank is None or not axes:
+    if shape.rank is None:
         return None
-    reduced = {a % rank for a in axes}
-    return _view(shape, [a for a in range(rank) if a not in reduced])
+    channel_axes = backends.channels_of_reduction(shape.rank, axes)
+    return None if channel_axes is None else _view(shape, channel_axes)
 
 
 def applies(x, axes: Sequence[int], mask=None) -> bool:
@@ -474,8 +473,9 @@ def normalize(x, mean, variance, gamma, beta, epsilon: float):
 
     Args:
         x: input tensor.
-        mean, variance: statistics with ``x``'s rank, size 1 on the reduced
-            axes (as the layer passes them).
+        mean, variance: per-channel statistics broadcastable to ``x``: the
+            layer's weights as they are where the channels trail, else with
+            ``x``'s rank and size 1 on the reduced axes.
         gamma, beta: scale and offset broadcastable to ``x``, or None.
         epsilon: added to the variance.
 
@@ -515,18 +515,16 @@ def normalize(x, mean, variance, gamma, beta, epsilon: float):
 
 
 def _inference_view(x, mean) -> _View | None:
-    """The view whose channel axes are those where ``mean`` has size > 1.
+    """The view whose channel axes are those along which ``mean`` varies.
 
-    None where :func:`applies` would decline: another dtype, or statistics
-    whose rank is not ``x``'s.
+    None where :func:`applies` would decline: another dtype, an input of
+    unknown rank, or statistics of higher rank than ``x``.
     """
     rank = x.shape.rank
-    if keras.backend.standardize_dtype(x.dtype) not in DTYPES:
+    if keras.backend.standardize_dtype(x.dtype) not in DTYPES or rank is None:
         return None
-    if rank is None or len(getattr(mean, "shape", ())) != rank:
-        return None
-    channel_axes = [a for a in range(rank) if mean.shape[a] != 1]
-    return _view(x.shape, channel_axes or [rank - 1])
+    channel_axes = backends.channels_of_statistic(getattr(mean, "shape", ()), rank)
+    return None if channel_axes is None else _view(x.shape, channel_axes)
 
 
 # ------------------------------------------------ synchronized statistics

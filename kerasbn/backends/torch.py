@@ -71,7 +71,7 @@ from typing import NamedTuple
 
 import torch
 
-from kerasbn import ops
+from kerasbn import backends, ops
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FAR_MEAN = 100.0  # spreads from zero beyond which the kernel's mean is refined
@@ -121,11 +121,8 @@ def _layout(rank: int, start: int, stop: int) -> str:
 
 
 def _view_of_reduction(shape: Sequence[int], axes: Sequence[int]) -> _View | None:
-    rank = len(shape)
-    if not axes:
-        return None
-    reduced = {a % rank for a in axes}
-    return _view(shape, [a for a in range(rank) if a not in reduced])
+    channel_axes = backends.channels_of_reduction(len(shape), axes)
+    return None if channel_axes is None else _view(shape, channel_axes)
 
 
 def applies(x, axes: Sequence[int], mask=None) -> bool:
@@ -334,8 +331,9 @@ def normalize(x, mean, variance, gamma, beta, epsilon: float):
 
     Args:
         x: input tensor.
-        mean, variance: statistics with ``x``'s rank, size 1 on the reduced
-            axes (as the layer passes them).
+        mean, variance: per-channel statistics broadcastable to ``x``: the
+            layer's weights as they are where the channels trail, else with
+            ``x``'s rank and size 1 on the reduced axes.
         gamma, beta: scale and offset broadcastable to ``x``, or None.
         epsilon: added to the variance.
 
@@ -369,21 +367,19 @@ def normalize(x, mean, variance, gamma, beta, epsilon: float):
 
 
 def _inference_view(x, mean, variance) -> _View | None:
-    """The view whose channel axes are those where ``mean`` has size > 1.
+    """The view whose channel axes are those along which ``mean`` varies.
 
     None where the kernel cannot serve the call: another dtype, an empty
-    input, statistics that are not tensors of ``x``'s rank or that require a
-    gradient.
+    input, statistics that are not tensors, that have a higher rank than
+    ``x`` or that require a gradient.
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in DTYPES or x.numel() == 0:
         return None
     for statistic in (mean, variance):
         if not isinstance(statistic, torch.Tensor) or statistic.requires_grad:
             return None
-        if statistic.dim() != x.dim():
-            return None
-    channel_axes = [a for a in range(x.dim()) if mean.shape[a] != 1]
-    return _view(tuple(x.shape), channel_axes or [x.dim() - 1])
+    channel_axes = backends.channels_of_statistic(mean.shape, x.dim())
+    return None if channel_axes is None else _view(tuple(x.shape), channel_axes)
 
 
 # ------------------------------------------------ synchronized statistics
