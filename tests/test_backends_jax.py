@@ -191,7 +191,9 @@ def test_fast_path_declines_masks_integers_split_channel_axes_and_empty_batches(
         ((32, 56, 56, 64), [0, 1, 2], "rough"),
         ((32, 28, 28, 256), [0, 1, 2], "rough"),
         ((32, 64, 56, 56), [0, 2, 3], "rough"),  # channels first
-        ((32, 24, 24, 10), [0, 1, 2], "rough"),  # lecture CNN
+        ((1024, 1024), [0], "rough"),  # 2**20 elements
+        ((1023, 1024), [0], "shifted"),
+        ((32, 24, 24, 10), [0, 1, 2], "shifted"),  # lecture CNN
         ((32, 8, 8, 20), [0, 1, 2], "shifted"),
         ((32, 100), [0], "shifted"),
         ((3, 100), [0], "shifted"),

@@ -118,8 +118,11 @@ def test_ema_update_uses_keras_momentum_convention():
 
 
 def test_all_finite_detects_nan_and_inf():
-    assert bool(bn_ops.all_finite(np.ones(3), np.zeros(2)))
-    assert not bool(bn_ops.all_finite(np.ones(3), np.array([0.0, np.inf])))
+    assert bool(bn_ops.all_finite(np.ones(2), np.zeros(2)))
+    big = np.full(2, 3e38, "float32")  # big + big overflows float32
+    assert bool(bn_ops.all_finite(big, big))
+    assert not bool(bn_ops.all_finite(np.ones(2), np.array([0.0, np.inf])))
+    assert not bool(bn_ops.all_finite(np.array([-np.inf, 1.0]), np.zeros(2)))
     assert not bool(bn_ops.all_finite(np.array([np.nan])))
 
 
