@@ -1,9 +1,10 @@
 """The PyTorch fast path against NumPy, finite differences and Keras's BN on torch.
 
-Every numeric test runs the layer with each of the kernel's views forced
-("channels_last": 4-D/5-D channels-last inputs permuted to PyTorch's
+Every numeric test runs the layer with each of the fast path's formulations
+forced ("channels_last": 4-D/5-D channels-last inputs permuted to PyTorch's
 channels_last memory format; "rows": channels-last inputs as a (rows, C)
-matrix; "planes": (outer, C, inner)) and with the fast path switched off
+matrix; "planes": (outer, C, inner); "matvec": the (rows, C) matrix summed
+by matrix-vector products) and with the fast path switched off
 ("generic", kerasbn.ops). All are held to the same independent references,
 so the fast path gives the generic path's numbers.
 """
@@ -46,7 +47,7 @@ CASES = [
     ("no_scale", (6, 5, 4, 8), dict(scale=False, epsilon=0.1)),
     ("4d_ten_channels", (8, 6, 5, 10), {}),
 ]
-PATHS = ["channels_last", "rows", "planes", "generic"]
+PATHS = ["channels_last", "rows", "matvec", "planes", "generic"]
 
 
 def _channel_axes(shape, axis):
@@ -59,7 +60,7 @@ def _path_fits(path, shape, channel_axes):
     rank, last = len(shape), channel_axes[-1] == len(shape) - 1
     if path == "channels_last":
         return last and len(channel_axes) == 1 and rank in (4, 5)
-    if path == "rows":
+    if path in ("rows", "matvec"):
         return last
     return True
 
@@ -137,6 +138,11 @@ def _to_numpy(t):
         ((4, 5, 5, 8), [0, 1, 2], torch.float16, "channels_last"),
         ((4, 5, 5, 8), [0, 1, 2], torch.bfloat16, "channels_last"),
         ((16, 6), [0], torch.float64, "rows"),
+        ((32, 24, 24, 10), [0, 1, 2], torch.float32, "matvec"),  # lecture CNN
+        ((16, 16, 16, 20), [0, 1, 2], torch.float32, "matvec"),  # 4,096 rows
+        ((8, 16, 16, 20), [0, 1, 2], torch.float32, "channels_last"),
+        ((32, 24, 24, 16), [0, 1, 2], torch.float32, "channels_last"),  # 2 x 8
+        ((4096, 100), [0], torch.float32, "rows"),
     ],
 )
 def test_fast_path_is_selected_for_the_calls_it_claims(shape, axes, dtype, expected):
@@ -467,7 +473,7 @@ def test_float16_inputs_near_6e4_give_finite_float32_statistics(rng, force_path,
 
 
 # ------------------------------------------------------------------ fit
-@pytest.mark.parametrize("path", ["channels_last", "rows", "planes"])
+@pytest.mark.parametrize("path", ["channels_last", "rows", "matvec", "planes"])
 def test_fit_of_a_functional_model_matches_numpy(rng, force_path, path):
     # Building the model traces the layer on the "meta" device, where no
     # statistic can be read; fit() then runs it eagerly.
