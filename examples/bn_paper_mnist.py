@@ -98,6 +98,9 @@ class Recorder(keras.callbacks.Callback):
 
     def measure(self, step: int) -> None:
         """Records test accuracy and the unit's percentiles at ``step``."""
+        # On JAX, fit() keeps the weights in its own state; reading
+        # ``self.model`` writes them back into the variables the probe shares.
+        self.model  # noqa: B018
         probs, pre_sigmoid = self.probe.predict(self.x_test, batch_size=2000, verbose=0)
         accuracy = float(np.mean(np.argmax(probs, axis=1) == self.y_test))
         values = np.percentile(pre_sigmoid[:, self.unit], PERCENTILES)
@@ -146,8 +149,11 @@ def train(batch_norm: bool, args: argparse.Namespace, data: Mnist) -> dict:
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=args.learning_rate),
         loss="sparse_categorical_crossentropy",
-        # Many steps per call for speed, but a call ends at every evaluation.
-        steps_per_execution=math.gcd(args.eval_every, args.steps, steps_per_epoch),
+        # Many steps per call for speed, but a call ends at every evaluation;
+        # Keras's PyTorch trainer runs one step per call.
+        steps_per_execution=1
+        if keras.backend.backend() == "torch"
+        else math.gcd(args.eval_every, args.steps, steps_per_epoch),
     )
     recorder = Recorder(
         probe,

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import not_on
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -203,17 +202,6 @@ def test_mnist_convergence_writes_json_and_png(tmp_path, offline_mnist):
     assert result["config"]["batch_size"] == 32
 
 
-@not_on(
-    "torch",
-    "bn_paper_mnist.py compiles with steps_per_execution > 1 (100 here), which"
-    " Keras's PyTorch trainer refuses",
-)
-@not_on(
-    "jax",
-    "bn_paper_mnist.py predicts with a probe model that shares the trained"
-    " model's layers inside a fit callback, while Keras's JAX trainer has purged"
-    " those variables' values (TypeError: 'NoneType' object is not callable)",
-)
 def test_bn_paper_mnist_writes_three_panel_data(tmp_path, offline_mnist):
     run_example(
         "bn_paper_mnist.py",
