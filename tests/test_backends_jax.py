@@ -12,6 +12,7 @@ Run: ``KERAS_BACKEND=jax python -m pytest -q tests/test_backends_jax.py``.
 """
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -521,3 +522,33 @@ def test_fit_trains_a_conv_net_as_keras_bn_does(rng):
     for w, w_ref in zip(models[0].get_weights(), models[1].get_weights()):
         np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-5)
         record("JAX fit conv net weights vs Keras", w, w_ref)
+
+
+def _compiled_ops(layer, shape):
+    """The operations of the optimized XLA program of the layer's inference call
+    (parameters, constants, tuples and bitcasts aside)."""
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def infer(x, trainable, non_trainable):
+        return layer.stateless_call(trainable, non_trainable, x, training=False)[0]
+
+    x = jnp.zeros(shape, jnp.float32)
+    text = jax.jit(infer).lower(x, trainable, non_trainable).compile().as_text()
+    entry = text[text.index("ENTRY") :].split("\n}")[0]
+    ignored = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
+    found = re.findall(r" = \S+ ([a-z-]+)\(", entry)
+    return sorted(op for op in found if op not in ignored)
+
+
+@pytest.mark.parametrize(
+    "shape, axis", [((8, 6, 6, 16), -1), ((8, 16, 6, 6), 1), ((32, 100), -1)]
+)
+def test_inference_compiles_to_the_program_of_keras_bn(shape, axis):
+    ours, peer = (
+        kerasbn.BatchNorm(axis=axis),
+        keras.layers.BatchNormalization(axis=axis),
+    )
+    ours.build(shape)
+    peer.build(shape)
+    assert _compiled_ops(ours, shape) == _compiled_ops(peer, shape)
