@@ -196,15 +196,7 @@ def run_child(args: argparse.Namespace) -> None:
             f"--workers={args.workers} needs that many JAX devices; found "
             f"{jax.devices()} (is {DEVICE_FLAG} in XLA_FLAGS?)"
         )
-    config = Config(
-        args.model,
-        args.samples,
-        args.batch_size,
-        args.learning_rate,
-        args.synthetic,
-        args.seed,
-        args.dtype,
-    )
+    config = Config.from_args(args)
     if config.batch_size % args.workers:
         raise ValueError(
             f"--batch-size={config.batch_size} must be a multiple of "

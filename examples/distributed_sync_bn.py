@@ -88,6 +88,11 @@ class Config:
     seed: int = 0
     dtype: str = "float32"
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Config:
+        """The configuration that the command-line flags ``args`` give."""
+        return cls(*(getattr(args, f.name) for f in dataclasses.fields(cls)))
+
 
 def build_model(name: str) -> keras.Sequential:
     """The lecture's CNN, or a tiny conv net with one BN for quick checks."""
@@ -447,15 +452,7 @@ def main(argv: list[str] | None = None) -> None:
         # Keras picks its backend when imported: start again on the right one.
         env = {**os.environ, "KERAS_BACKEND": args.backend}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
-    config = Config(
-        args.model,
-        args.samples,
-        args.batch_size,
-        args.learning_rate,
-        args.synthetic,
-        args.seed,
-        args.dtype,
-    )
+    config = Config.from_args(args)
     trainer = engine(args.backend)
     if args.worker_index is not None:
         trainer.run_worker(config, args.worker_index, args.out)

@@ -68,6 +68,50 @@ def assert_close_at_scale(actual, expected, rtol: float = 1e-5):
     np.testing.assert_allclose(to_numpy(actual), expected, rtol=rtol, atol=rtol * scale)
 
 
+def assert_matches_keras_peer(rng, shape, kwargs, record_as, train=None, infer=None):
+    """kerasbn's BN and Keras's, built alike, train and infer alike.
+
+    Both get ``kwargs`` with random-normal gamma and beta and the same initial
+    weights; over four training calls (batches whose mean and spread move)
+    their outputs (to 1e-5) and gradients (:func:`assert_close_at_scale`)
+    agree, then their weights (recorded under ``record_as``) and an inference
+    output.
+
+    Args:
+        rng: the test's NumPy generator.
+        shape: the input shape.
+        kwargs: the constructor arguments both layers take.
+        record_as: the :func:`record` name of the weights' difference.
+        train: ``train(layer, x, dy) -> (y, grads)``; :func:`train_call` if None.
+        infer: ``infer(layer, x) -> y``; a plain call if None.
+    """
+    import kerasbn
+
+    train = train or train_call
+    infer = infer or (lambda layer, x: to_numpy(layer(x)))
+    tol = dict(rtol=1e-5, atol=1e-5)
+    kwargs = dict(
+        gamma_initializer="random_normal", beta_initializer="random_normal", **kwargs
+    )
+    ours, peer = kerasbn.BatchNorm(**kwargs), keras.layers.BatchNormalization(**kwargs)
+    ours.build(shape)
+    peer.build(shape)
+    peer.set_weights(ours.get_weights())
+    for step in range(4):
+        x = rng.normal(2.0 - step, 1.0 + step, shape).astype("float32")
+        dy = rng.normal(size=shape).astype("float32")
+        y, grads = train(ours, x, dy)
+        y_ref, grads_ref = train(peer, x, dy)
+        np.testing.assert_allclose(to_numpy(y), to_numpy(y_ref), **tol)
+        for g, g_ref in zip(grads, grads_ref):
+            assert_close_at_scale(g, g_ref)
+    for w, w_ref in zip(ours.get_weights(), peer.get_weights()):
+        np.testing.assert_allclose(w, w_ref, **tol)
+        record(record_as, w, w_ref)
+    x = rng.normal(size=shape).astype("float32")
+    np.testing.assert_allclose(infer(ours, x), infer(peer, x), **tol)
+
+
 def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"kerasbn: Keras backend {BACKEND}")
     if PARITY_LOG:

@@ -31,7 +31,7 @@ if keras.backend.backend() != "jax":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from conftest import (  # noqa: E402
-    assert_close_at_scale,
+    assert_matches_keras_peer,
     np_batch_norm,
     np_batch_norm_gradients,
     np_moments,
@@ -293,29 +293,14 @@ def test_matches_keras_peer_layer_over_several_training_calls(
     if isinstance(kwargs.get("axis"), list):
         pytest.skip("keras.layers.BatchNormalization takes one axis")
     force_path(path)
-    kwargs = dict(
-        gamma_initializer="random_normal", beta_initializer="random_normal", **kwargs
+    assert_matches_keras_peer(
+        rng,
+        shape,
+        kwargs,
+        f"JAX fast path weights vs Keras ({path})",
+        train=train_call,
+        infer=infer_call,
     )
-    ours, peer = kerasbn.BatchNorm(**kwargs), keras.layers.BatchNormalization(**kwargs)
-    ours.build(shape)
-    peer.build(shape)
-    peer.set_weights(ours.get_weights())
-    for step in range(4):
-        x = rng.normal(2.0 - step, 1.0 + step, shape).astype("float32")
-        dy = rng.normal(size=shape).astype("float32")
-        y, grads = train_call(ours, x, dy)
-        y_ref, grads_ref = train_call(peer, x, dy)
-        np.testing.assert_allclose(y, y_ref, **TOL)
-        # gamma's and beta's gradients are sums over the batch: Keras's are
-        # rounded as float32 sums of a few hundred terms (both stay within
-        # 1e-5 of NumPy's in the test above)
-        for g, g_ref in zip(grads, grads_ref):
-            assert_close_at_scale(g, g_ref)
-    for w, w_ref in zip(ours.get_weights(), peer.get_weights()):
-        np.testing.assert_allclose(w, w_ref, **TOL)
-        record(f"JAX fast path weights vs Keras ({path})", w, w_ref)
-    x = rng.normal(size=shape).astype("float32")
-    np.testing.assert_allclose(infer_call(ours, x), infer_call(peer, x), **TOL)
 
 
 def test_gradients_match_central_finite_differences_in_float64():

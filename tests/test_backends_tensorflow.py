@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import (
     BACKEND,
-    assert_close_at_scale,
+    assert_matches_keras_peer,
     np_batch_norm,
     np_batch_norm_gradients,
     np_moments,
@@ -261,26 +261,9 @@ def test_matches_keras_peer_layer_over_several_training_calls(
     if isinstance(kwargs.get("axis"), list) and len(kwargs["axis"]) > 1:
         pytest.skip("keras.layers.BatchNormalization takes one axis")
     force_path(path)
-    kwargs = dict(
-        gamma_initializer="random_normal", beta_initializer="random_normal", **kwargs
+    assert_matches_keras_peer(
+        rng, shape, kwargs, f"fast path weights vs Keras ({path})", train=_train_call
     )
-    ours, peer = kerasbn.BatchNorm(**kwargs), keras.layers.BatchNormalization(**kwargs)
-    ours.build(shape)
-    peer.build(shape)
-    peer.set_weights(ours.get_weights())
-    for step in range(4):
-        x = rng.normal(2.0 - step, 1.0 + step, shape).astype("float32")
-        dy = rng.normal(size=shape).astype("float32")
-        y, grads = _train_call(ours, x, dy)
-        y_ref, grads_ref = _train_call(peer, x, dy)
-        np.testing.assert_allclose(y, y_ref, **TOL)
-        for g, g_ref in zip(grads, grads_ref):
-            assert_close_at_scale(g, g_ref)
-    for w, w_ref in zip(ours.get_weights(), peer.get_weights()):
-        np.testing.assert_allclose(w, w_ref, **TOL)
-        record(f"fast path weights vs Keras ({path})", w, w_ref)
-    x = rng.normal(size=shape).astype("float32")
-    np.testing.assert_allclose(ours(x), peer(x), **TOL)
 
 
 @pytest.mark.parametrize("path", PATHS)

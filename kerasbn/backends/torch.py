@@ -300,7 +300,7 @@ class _MatVecBatchNorm(torch.autograd.Function):
         inv = torch.rsqrt(variance + epsilon)
         scale = gamma * inv
         y = torch.addcmul(beta - offset * scale, d, scale)
-        mean, variance = shift[0] + offset, variance
+        mean = shift[0] + offset
         ctx.save_for_backward(x, shift, offset, inv, scale)
         ctx.mark_non_differentiable(mean, variance)
         return y, mean, variance
