@@ -235,8 +235,9 @@ RELOAD = textwrap.dedent(
 )
 
 
-def test_keras_file_round_trip(entry, converted, x, tmp_path):
+def test_keras_file_round_trip(entry, x, tmp_path, request):
     expect_keras_can(entry, "keras_file")
+    converted = request.getfixturevalue("converted")
     if not isinstance(x, np.ndarray):
         pytest.skip("the reload script feeds one array")
     converted.save(tmp_path / "model.keras")
