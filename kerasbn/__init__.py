@@ -1,6 +1,6 @@
 """kerasbn: batch normalization for Keras 3, a drop-in for keras.layers.BatchNormalization."""
 
-from kerasbn.convert import from_keras, to_keras
+from kerasbn.convert import from_keras, load_model, to_keras
 from kerasbn.fold import fold_batch_norms
 from kerasbn.layer import BatchNorm
 from kerasbn.recalibrate import recalibrate
@@ -12,6 +12,7 @@ __all__ = [
     "BatchNormalization",
     "fold_batch_norms",
     "from_keras",
+    "load_model",
     "recalibrate",
     "to_keras",
 ]

@@ -17,7 +17,7 @@ The tools change layers **in place**, on the layer objects themselves:
 
 Functional graphs hold operations, of which layers are one kind: a ``keras.ops``
 call on a symbolic tensor (``x + 3.0``) is an operation node without weights.
-:func:`sole_producer` reads the graph's nodes to find the Dense/Conv layer whose
+:meth:`Graphs.sole_producer` reads the graph's nodes to find the Dense/Conv layer whose
 output only a given BN consumes.
 """
 
@@ -27,10 +27,12 @@ import copy
 from collections.abc import Callable, Iterator
 
 import keras
-from keras.src.ops import (
-    function as keras_function,
-)  # the graph map of functional models
-from keras.src.utils import tracking  # the containers Keras tracks layers in
+
+# Keras internals that a true copy must know: the graph map of functional
+# models, the base class of what Keras pickles, and the tracked containers.
+from keras.src.ops import function as keras_function
+from keras.src.saving import keras_saveable
+from keras.src.utils import tracking
 
 from kerasbn.layer import BatchNorm
 
@@ -118,14 +120,17 @@ def copy_model(model: keras.Model, function: str) -> keras.Model:
     Python object instead, attribute by attribute: the copy has the model's
     class, config and attributes, every layer (those off the output path
     too), the same layer names and weight paths, the state of lazily built
-    layers, and new variables with the same values. Compiled train/test/
-    predict functions are not copied; the next call compiles them anew.
+    layers, and new variables with the same values. A compiled model's copy
+    is compiled from its compile config, with a new optimizer (an optimizer
+    keys its slots by the variables' ids); compiled train/test/predict
+    functions are not copied, and the next call compiles them anew.
 
     Raises:
         ValueError: if ``model`` cannot be copied; the message names
             ``function`` and the way to change the model in place instead.
     """
     copiers = {
+        keras_saveable.KerasSaveable: _new_like,  # optimizers, losses, metrics
         keras.layers.Layer: _copy_layer,
         tracking.Tracker: _copy_tracker,
         **{
@@ -152,7 +157,11 @@ def copy_model(model: keras.Model, function: str) -> keras.Model:
         for cls in copiers:
             del cls.__deepcopy__
     for graph in _graphs(duplicate):  # their node keys hold the objects' ids
-        graph._nodes = keras_function.map_graph(graph._inputs, graph._outputs)[0]
+        nodes = keras_function.map_graph(graph._inputs, graph._outputs)[0]
+        object.__setattr__(graph, "_nodes", nodes)
+    for original, new in zip(models(model), models(duplicate)):
+        if getattr(original, "compiled", False):  # an optimizer keys its
+            new.compile_from_config(original.get_compile_config())  # slots by id
     return duplicate
 
 
@@ -162,15 +171,19 @@ _NOT_COPIED = ("build", "quantize")
 _COMPILED = ("train_function", "test_function", "predict_function")
 
 
-def _new_like(original, memo: dict, skip=()):
+def _new_like(original, memo: dict, skip: tuple = ()):
     """A new object of ``original``'s class with deep copies of its attributes."""
     cls = type(original)
     duplicate = cls.__new__(cls)  # for a layer, Keras's __new__ makes its wrappers
     memo[id(original)] = duplicate
     for key, value in vars(original).items():
-        if key not in skip:
-            value = None if key in _COMPILED else copy.deepcopy(value, memo)
-            object.__setattr__(duplicate, key, value)
+        if key in skip:
+            continue
+        if key in _COMPILED:
+            value = None
+        elif "strategy" not in key:  # a distribution strategy is shared
+            value = copy.deepcopy(value, memo)
+        object.__setattr__(duplicate, key, value)
     return duplicate
 
 

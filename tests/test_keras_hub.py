@@ -201,11 +201,12 @@ def test_recalibrate_sets_every_bn_to_the_batch(entry, x):
     assert relative(result(x, training=False), expected) <= TOLERANCE
 
 
-def test_to_keras_gives_back_the_original(entry, model):
-    back = kerasbn.to_keras(kerasbn.from_keras(randomized(entry)))
-    assert type(back) is type(model)
-    assert back.get_config() == model.get_config()
-    reference = weights_by_path(model)
+def test_to_keras_gives_back_the_original(entry):
+    original = randomized(entry)
+    back = kerasbn.to_keras(kerasbn.from_keras(original))
+    assert type(back) is type(original)
+    assert back.get_config() == original.get_config()
+    reference = weights_by_path(original)
     assert list(weights_by_path(back)) == list(reference)
     for path, weight in weights_by_path(back).items():
         np.testing.assert_array_equal(numpy(weight)[0], numpy(reference[path])[0])
@@ -221,10 +222,16 @@ RELOAD = textwrap.dedent(
 
     folder = sys.argv[1]
     saved = np.load(folder + "/saved.npz")
-    model = kerasbn.from_keras(keras.models.load_model(folder + "/model.keras"))
-    weights = {w.path: np.asarray(w) for w in model.weights}
-    paths = [p for p in saved.files if p.startswith("w:")]
-    worst = max(float(np.max(np.abs(weights[p[2:]] - saved[p]))) for p in paths)
+    model = kerasbn.load_model(folder + "/model.keras")
+    kinds = {type(bn).__name__ for bn in model._flatten_layers()
+             if "Normalization" in type(bn).__name__ or type(bn).__name__ == "BatchNorm"}
+    assert kinds == {"BatchNorm"}, kinds
+    # By position: a custom layer built inside a functional construction has
+    # weight paths that depend on that context, for Keras's own BN too.
+    weights = [keras.ops.convert_to_numpy(w) for w in model.weights]
+    paths = sorted((p for p in saved.files if p.startswith("w:")),
+                   key=lambda p: int(p.split(":")[1]))
+    worst = max(float(np.max(np.abs(w - saved[p]))) for w, p in zip(weights, paths))
     outputs = keras.tree.flatten(model(saved["x"], training=False))
     out = max(
         float(np.max(np.abs(keras.ops.convert_to_numpy(y) - saved[f"y{i}"])))
@@ -246,7 +253,7 @@ def test_keras_file_round_trip(entry, x, tmp_path, request):
         tmp_path / "saved.npz",
         x=x,
         **{f"y{i}": y for i, y in enumerate(outputs)},
-        **{f"w:{w.path}": numpy(w)[0] for w in converted.weights},
+        **{f"w:{i}": numpy(w)[0] for i, w in enumerate(converted.weights)},
     )
     done = subprocess.run(
         [sys.executable, "-c", RELOAD, str(tmp_path)],
