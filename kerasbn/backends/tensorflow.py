@@ -405,11 +405,9 @@ def _fused_batch_normalize(x, view: _View, gamma, beta, epsilon: float):
     comparison of two ``(C,)`` vectors.
     """
     x4 = _fused_view(x, view)
-    scale = _channel_vector(gamma, view, x, 1.0)
-    offset = _channel_vector(beta, view, x, 0.0)
 
-    def fused(t):
-        y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+    def fused(t, scale, offset):
+        return tf.raw_ops.FusedBatchNormV3(
             x=t,
             scale=scale,
             offset=offset,
@@ -420,17 +418,49 @@ def _fused_batch_normalize(x, view: _View, gamma, beta, epsilon: float):
             data_format="NHWC",
             is_training=True,
         )
-        return y, mean, variance
 
-    def shifted():
-        shift = tf.stop_gradient(tf.cast(x4[:1, :1, :1], tf.float32))
-        y, mean, variance = fused(tf.cast(x4, tf.float32) - shift)
-        return y, mean + tf.reshape(shift, [view.channels]), variance
+    # The tf.cond runs in the forward pass only: the gradient is the fused
+    # gradient kernel of whichever input the kernel saw (BN's gradient does
+    # not change with a constant shift), so nothing of the branch not taken
+    # is kept for the backward pass.
+    @tf.custom_gradient
+    def batch_norm(x4, scale, offset):
+        y, mean, variance, *reserve = fused(x4, scale, offset)
+        far = tf.reduce_any(tf.square(mean) > FAR_MEAN**2 * variance)
 
-    y, mean, variance = fused(x4)
-    y = tf.cast(y, tf.float32)  # both branches give float32, as the layer takes
-    far = tf.reduce_any(tf.square(mean) > FAR_MEAN**2 * variance)
-    y, mean, variance = tf.cond(far, shifted, lambda: (y, mean, variance))
+        def shifted():
+            shift = tf.cast(x4[:1, :1, :1], tf.float32)
+            # Exact in the input's dtype where x is close to its first sample.
+            t = tf.cast(tf.cast(x4, tf.float32) - shift, x4.dtype)
+            y, mean, variance, *reserve = fused(t, scale, offset)
+            mean = mean + tf.reshape(shift, [view.channels])
+            return (t, tf.cast(y, tf.float32), mean, variance, *reserve)
+
+        t, y, mean, variance, *reserve = tf.cond(
+            far,
+            shifted,
+            lambda: (x4, tf.cast(y, tf.float32), mean, variance, *reserve),
+        )
+
+        def grad(dy, *_):
+            dx, dscale, doffset, *_ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=tf.cast(dy, x4.dtype),
+                x=t,
+                scale=scale,
+                reserve_space_1=reserve[0],
+                reserve_space_2=reserve[1],
+                reserve_space_3=reserve[2],
+                epsilon=epsilon,
+                data_format="NHWC",
+                is_training=True,
+            )
+            return dx, dscale, doffset
+
+        return (y, mean, variance), grad
+
+    y, mean, variance = batch_norm(
+        x4, _channel_vector(gamma, view, x, 1.0), _channel_vector(beta, view, x, 0.0)
+    )
     variance = variance * _bessel_inverse(x, view.channels)
     shape = _statistics_shape(x, view)
     return (
