@@ -4,6 +4,7 @@ from kerasbn.convert import from_keras, to_keras
 from kerasbn.fold import fold_batch_norms
 from kerasbn.layer import BatchNorm
 from kerasbn.recalibrate import recalibrate
+from kerasbn.torch_interop import from_torch, to_torch
 
 BatchNormalization = BatchNorm
 
@@ -12,7 +13,9 @@ __all__ = [
     "BatchNormalization",
     "fold_batch_norms",
     "from_keras",
+    "from_torch",
     "recalibrate",
     "to_keras",
+    "to_torch",
 ]
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ MODULES = [
     "kerasbn.fold",
     "kerasbn.recalibrate",
     "kerasbn.convert",
+    "kerasbn.torch_interop",
 ]
 
 
