@@ -3,6 +3,7 @@
 from kerasbn.convert import from_keras, to_keras
 from kerasbn.fold import fold_batch_norms
 from kerasbn.layer import BatchNorm
+from kerasbn.legacy import load_legacy_model
 from kerasbn.recalibrate import recalibrate
 from kerasbn.torch_interop import from_torch, to_torch
 
@@ -14,6 +15,7 @@ __all__ = [
     "fold_batch_norms",
     "from_keras",
     "from_torch",
+    "load_legacy_model",
     "recalibrate",
     "to_keras",
     "to_torch",

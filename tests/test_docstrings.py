@@ -19,6 +19,7 @@ MODULES = [
     "kerasbn.recalibrate",
     "kerasbn.convert",
     "kerasbn.torch_interop",
+    "kerasbn.legacy",
 ]
 
 
