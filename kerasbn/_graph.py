@@ -1,154 +1,342 @@
-"""Walking and rebuilding Keras models, shared by :mod:`kerasbn.fold` and
-:mod:`kerasbn.convert`.
+"""Walking Keras models: the one walker that every kerasbn tool uses.
 
-Only public Keras API is used: ``keras.models.clone_model`` (with
-``clone_function`` and ``call_function``), ``keras.Sequential``, the layers'
-``get_config``/``get_build_config``/``get_weights``, and the functional
-model's ``get_config()``, which lists every call with the ``keras_history``
-``(operation name, node index, tensor index)`` of its inputs.
+A Keras 3 model is a tree of layers. Keras tracks every sub-layer that a layer
+holds, whatever the holding: an attribute, a list, tuple or dict (nested too),
+a layer created in ``build()``, the operations of a functional or Sequential
+graph, a keras_hub ``Backbone`` inside its ``Task``. :func:`walk` visits that
+whole tree, so a tool reaches a BN layer wherever a model holds it.
 
-A functional graph holds operations, of which layers are one kind: a
-``keras.ops`` call on a symbolic tensor (``x + 3.0``, ``keras.ops.multiply``)
-is an operation node without weights, state or build. Such nodes are never
-given to a tool's per-layer callback; they are re-created from their config,
-as ``keras.models.clone_model`` does by default.
+The tools change layers **in place**, on the layer objects themselves:
+
+* :func:`transplant` turns a layer into another class's layer without
+  replacing the object, so every holder of it (attributes, containers, graph
+  nodes, other models sharing it) sees the change at once, and its name,
+  variables and weight paths stay as they are;
+* a tool that returns a new model first makes a true copy with
+  :func:`copy_model` (a deep copy), and changes that.
+
+Functional graphs hold operations, of which layers are one kind: a ``keras.ops``
+call on a symbolic tensor (``x + 3.0``) is an operation node without weights.
+:func:`sole_producer` reads the graph's nodes to find the Dense/Conv layer whose
+output only a given BN consumes.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import copy
 from collections.abc import Callable, Iterator
 
 import keras
 
+from kerasbn.layer import BatchNorm
 
-def is_graph_model(layer) -> bool:
-    """Whether ``layer`` is a Sequential or functional model (a layer graph).
+BATCH_NORMS = (BatchNorm, keras.layers.BatchNormalization)
 
-    Subclassed models have no ``outputs``: their layers cannot be rebuilt one
-    by one, so they are treated as opaque layers.
-    """
-    if isinstance(layer, keras.Sequential):
-        return True
-    return isinstance(layer, keras.Model) and hasattr(layer, "outputs")
+# What makes a Keras layer the object it is, rather than what its class adds:
+# tracking, graph nodes, identity and name scope, the build wrappers. A
+# transplant keeps these and takes everything else from the new class's layer.
+_IDENTITY = frozenset(
+    {
+        "_tracker",
+        "_layers",
+        "_trainable_variables",
+        "_non_trainable_variables",
+        "_seed_generators",
+        "_metrics",
+        "_losses",
+        "_loss_ids",
+        "_losses_override",
+        "_inbound_nodes",
+        "_outbound_nodes",
+        "name",
+        "_path",
+        "_parent_path",
+        "_build_shapes_dict",
+        "built",
+        "_called",
+        "_lock",
+        "build",
+        "quantize",
+    }
+)
 
 
 def check_model(model, function: str) -> None:
-    """Raises a clear error unless ``model`` is a built Sequential/functional model."""
-    if not isinstance(model, keras.Model) or not is_graph_model(model):
+    """Raises a clear error unless ``model`` is a ``keras.Model``."""
+    if not isinstance(model, keras.Model):
         raise ValueError(
-            f"`{function}` needs a built Sequential or functional keras.Model; got "
-            f"{type(model).__name__} {getattr(model, 'name', model)!r}. Subclassed "
-            "models cannot be rebuilt layer by layer."
+            f"`{function}` needs a keras.Model (functional, Sequential or "
+            f"subclassed); got {type(model).__name__} {getattr(model, 'name', model)!r}."
         )
 
 
-def graph_models(model) -> Iterator[keras.Model]:
-    """``model`` and every Sequential/functional model nested in it, outer first."""
-    yield model
-    for layer in model.layers:
-        if is_graph_model(layer):
-            yield from graph_models(layer)
+def walk(root) -> list[tuple[str, keras.layers.Layer]]:
+    """Every layer of ``root``'s tree, ``root`` first, each once, with its path.
 
-
-def layer_uses(model) -> Counter:
-    """How many (sub)models list each layer, by ``id``: above 1 means shared."""
-    return Counter(id(layer) for m in graph_models(model) for layer in m.layers)
-
-
-def copy_state(source, target):
-    """Builds ``target`` as ``source`` was built and gives it ``source``'s weights.
-
-    Returns:
-        ``target``.
+    The path joins the layers' names from ``root`` down, as Keras's weight
+    paths do (``"model/block_1/bn"``). A layer held in several places (a
+    shared layer) is listed once, at its first path.
     """
-    target.build_from_config(source.get_build_config())
-    target.set_weights(source.get_weights())
-    return target
+    found: list[tuple[str, keras.layers.Layer]] = []
+    seen: set[int] = set()
+
+    def visit(path: str, layer) -> None:
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        found.append((path, layer))
+        for child in layer._layers:  # Keras's own record of every sub-layer
+            visit(f"{path}/{child.name}", child)
+
+    visit(root.name, root)
+    return found
 
 
-def copy_layer(layer):
-    """A new layer with ``layer``'s class, config and weights."""
-    return copy_state(layer, type(layer).from_config(layer.get_config()))
+def batch_norms(root) -> list[tuple[str, keras.layers.Layer]]:
+    """``(path, layer)`` of every BN layer (``kerasbn.BatchNorm`` or
+    ``keras.layers.BatchNormalization``, subclasses included) in ``root``'s tree."""
+    return [(path, layer) for path, layer in walk(root) if isinstance(layer, BATCH_NORMS)]
 
 
-def is_layer(operation) -> bool:
-    """Whether a graph node's operation is a layer (an operation that may hold
-    weights and must be built), rather than a bare ``keras.ops`` operation."""
-    return isinstance(operation, keras.layers.Layer)
+def models(root) -> Iterator[keras.Model]:
+    """Every ``keras.Model`` in ``root``'s tree, ``root`` first."""
+    return (layer for _, layer in walk(root) if isinstance(layer, keras.Model))
 
 
-def copy_operation(operation):
-    """A bare operation (not a layer) re-created from its config, as
-    ``keras.models.clone_model`` does; the operation itself where its class
-    cannot be serialized. An operation holds no state, so either computes the
-    same thing."""
+def copy_model(model: keras.Model, function: str) -> keras.Model:
+    """A true copy of ``model``: ``copy.deepcopy``, compiled functions dropped.
+
+    A deep copy keeps what serialization may not: the model's class, config
+    and attributes, every layer (those off the output path too), layer names,
+    weight paths, lazily built layers' state and the compile state, and it
+    needs no class to be registered. Its variables are new and hold the same
+    values; nothing of it is shared with ``model``.
+
+    Raises:
+        ValueError: if ``model`` cannot be deep-copied; the message names
+            ``function`` and the way to change the model in place instead.
+    """
     try:
-        config = operation.get_config()
-    except NotImplementedError:  # Keras's own refusal for unserializable args
-        return operation
-    return type(operation).from_config(config)
+        duplicate = copy.deepcopy(model)
+    except Exception as error:
+        raise ValueError(
+            f"`{function}` works on a copy of the model, and copy.deepcopy failed "
+            f"for {type(model).__name__} {model.name!r}: {error}. Pass "
+            "in_place=True to change the model itself."
+        ) from error
+    forget_compiled_functions(duplicate)
+    return duplicate
 
 
-def rewrite(model, replace: Callable) -> keras.Model:
-    """A copy of ``model`` where each layer becomes ``replace(layer)``.
+def transplant(layer, fresh, keep_variables: bool) -> None:
+    """Makes ``layer`` the layer ``fresh`` is, without replacing the object.
 
-    Nested Sequential and functional models are rebuilt in the same way. A
-    layer (or nested model) that appears several times maps to one copy.
-    Operation nodes that are not layers are re-created (:func:`copy_operation`).
+    ``layer`` takes ``fresh``'s class and every attribute that its class sets
+    (configuration, build state, call signature), and keeps what makes it the
+    object it is: its name, graph nodes, tracking and name scope. Every holder
+    of ``layer`` thus holds the new kind of layer.
 
     Args:
-        model: a Sequential or functional model.
-        replace: called once per layer that is not a graph model, with the
-            original layer. It returns the new layer, ``None`` to remove the
-            layer (its input flows through unchanged), or ``layer`` itself to
-            request a plain copy with the same config and weights.
-
-    Returns:
-        The new model, compiled from the original's compile config if the
-        original was compiled.
+        layer: the layer to change (built or not).
+        fresh: a layer of the new class, built as ``layer`` is, used up.
+        keep_variables: True for a layer of the same weights (a BN swapped for
+            another BN): ``layer`` keeps its variables, and with them their
+            values, paths and optimizer slots. False: ``layer``'s variables
+            are dropped and ``fresh``'s taken.
     """
-    copies = {}
-
-    def copy(layer):
-        if id(layer) not in copies:
-            if is_graph_model(layer):
-                new = rebuild(layer)
-            elif not is_layer(layer):
-                new = copy_operation(layer)
-            else:
-                new = replace(layer)
-                new = copy_layer(layer) if new is layer else new
-            copies[id(layer)] = new
-        return copies[id(layer)]
-
-    def call(new, *args, **kwargs):
-        if new is None:  # a removed layer: its input flows through
-            return args[0] if args else kwargs["inputs"]
-        return new(*args, **kwargs)
-
-    def rebuild(m):
-        if not isinstance(m, keras.Sequential):
-            new_model = keras.models.clone_model(
-                m,
-                input_tensors=keras.tree.map_structure(_new_input(m), m.input),
-                clone_function=copy,
-                call_function=call,
+    variables = {k for k, v in vars(fresh).items() if isinstance(v, keras.Variable)}
+    if keep_variables:
+        own = {k for k, v in vars(layer).items() if isinstance(v, keras.Variable)}
+        if own != variables:
+            raise ValueError(
+                f"Layer {layer.name!r} holds the variables {sorted(own)}, but a "
+                f"{type(fresh).__name__} holds {sorted(variables)}."
             )
-            if not m.trainable:  # as Keras's from_config sets it: for every layer
-                new_model.trainable = False
-            return new_model
-        if not m.built:
-            raise ValueError(f"The Sequential model {m.name!r} must be built.")
-        layers = [new for new in map(copy, m.layers) if new is not None]
-        new_model = keras.Sequential(
-            [_input_of(m), *layers], name=m.name, trainable=m.trainable
-        )
-        if m.compiled:
-            new_model.compile_from_config(m.get_compile_config())
-        return new_model
+    else:
+        for key, value in list(vars(layer).items()):
+            if isinstance(value, keras.Variable):
+                delattr(layer, key)  # Keras untracks the variable
+    for key in [k for k in vars(layer) if k not in _IDENTITY and k not in variables]:
+        object.__delattr__(layer, key)
+    layer.__class__ = type(fresh)
+    for key, value in vars(fresh).items():
+        if key in _IDENTITY or (key in variables and keep_variables):
+            continue
+        if key in variables:
+            layer._tracker.unlock()
+            setattr(layer, key, value)  # Keras tracks the variable
+            layer._tracker.lock()
+        else:
+            object.__setattr__(layer, key, value)
 
-    return rebuild(model)
+
+def build_like(fresh, layer):
+    """Builds ``fresh`` as ``layer`` was built, its variables under ``layer``'s
+    name scope (so their paths are those ``layer``'s would be). Returns ``fresh``."""
+    if layer.built:
+        fresh._parent_path = layer._parent_path
+        fresh.build_from_config(layer.get_build_config())
+    return fresh
+
+
+def add_weight_in_place(layer, **kwargs) -> keras.Variable:
+    """A new weight of an already built ``layer``, at the path it would have had."""
+    layer._tracker.unlock()
+    try:
+        with keras.name_scope(layer.name, caller=layer):
+            return layer.add_weight(**kwargs)
+    finally:
+        layer._tracker.lock()
+
+
+def forget_compiled_functions(root) -> None:
+    """Drops the compiled train/test/predict functions of every model in the
+    tree, so that the next call traces the layers as they are now."""
+    for model in models(root):
+        for name in ("train_function", "test_function", "predict_function"):
+            if hasattr(model, name):
+                setattr(model, name, None)
+
+
+def _first_argument(node):
+    """A graph node's first call argument: positional, or the keyword ``inputs``."""
+    arguments = node.arguments
+    return arguments.args[0] if arguments.args else arguments.kwargs.get("inputs")
+
+
+def _graphs(root) -> list:
+    """The functional graphs of the tree: each functional model's own, and the
+    one a built Sequential model runs."""
+    graphs = []
+    for model in models(root):
+        graph = getattr(model, "_functional", None) or model
+        if hasattr(graph, "_nodes_by_depth"):
+            graphs.append(graph)
+    return graphs
+
+
+class Graphs:
+    """The nodes and held tensors of every functional graph in a tree.
+
+    Only nodes of the graphs that the models run count: a layer object also
+    keeps the nodes of graphs built and dropped on the way (a Sequential model
+    rebuilds its graph as layers are added, and again when copied).
+    """
+
+    def __init__(self, root):
+        graphs = _graphs(root)
+        self._nodes = {
+            id(node)
+            for graph in graphs
+            for nodes in graph._nodes_by_depth.values()
+            for node in nodes
+        }
+        # Tensors used beyond the graph's internal edges: its outputs, and
+        # tensors a model keeps as attributes (a keras_hub backbone's
+        # ``pyramid_outputs``).
+        self._held = {
+            id(item)
+            for model in [*models(root), *graphs]
+            for value in vars(model).values()
+            for item in _flat(value)
+            if isinstance(item, keras.KerasTensor)
+        }
+
+    def nodes_in(self, nodes) -> list:
+        return [node for node in nodes if id(node) in self._nodes]
+
+    def calls(self, layer) -> list:
+        """The graph nodes that call ``layer``."""
+        return self.nodes_in(layer._inbound_nodes)
+
+    def called_with(self, layer, argument: str, value) -> bool:
+        """Whether a graph calls ``layer`` with the keyword ``argument=value``."""
+        return any(
+            node.arguments.kwargs.get(argument, object()) == value
+            for node in self.calls(layer)
+        )
+
+    def sole_producer(self, layer):
+        """The layer whose output ``layer`` alone consumes, in a functional graph.
+
+        That is: ``layer`` is called once, its first argument is the one
+        output of a layer called once, and nothing else uses that output (no
+        other layer or operation node, no model output, no tensor a model
+        keeps). Layers called inside a custom layer's ``call`` have no graph
+        nodes, so none is found for them.
+
+        Returns:
+            The producing layer, or None.
+        """
+        calls = self.calls(layer)
+        if len(calls) != 1:
+            return None
+        tensor = _first_argument(calls[0])
+        if not isinstance(tensor, keras.KerasTensor) or id(tensor) in self._held:
+            return None
+        producer = tensor._keras_history.operation
+        if not isinstance(producer, keras.layers.Layer):
+            return None
+        produced = self.calls(producer)
+        if len(produced) != 1 or len(produced[0].outputs) != 1:
+            return None
+        if self.nodes_in(producer._outbound_nodes) != calls:
+            return None
+        return producer
+
+
+def _flat(value) -> list:
+    try:
+        return keras.tree.flatten(value)
+    except (TypeError, ValueError):
+        return []
+
+
+def is_plain_graph(model) -> bool:
+    """Whether ``model`` is a plain Sequential or functional model: one whose
+    class adds nothing to its graph, so it may be rebuilt from its layers."""
+    return type(model) is keras.Sequential or (
+        type(model).__name__ == "Functional" and hasattr(model, "outputs")
+    )
+
+
+def without(model, removed: set[int]) -> keras.Model:
+    """``model`` rebuilt without the layers whose ``id`` is in ``removed``.
+
+    A removed layer's input flows through in its place. Only plain graphs
+    (:func:`is_plain_graph`) are rebuilt, nested ones too; every other layer,
+    and every other model, is reused as it is. Compile state is kept.
+    """
+
+    def reuse(layer):
+        return without(layer, removed) if is_plain_graph(layer) else layer
+
+    if not is_plain_graph(model):
+        return model
+    if isinstance(model, keras.Sequential):
+        layers = [reuse(layer) for layer in model.layers if id(layer) not in removed]
+        new_model = keras.Sequential(
+            [_input_of(model), *layers], name=model.name, trainable=model.trainable
+        )
+    else:
+        new_model = keras.models.clone_model(
+            model,
+            input_tensors=keras.tree.map_structure(_new_input(model), model.input),
+            clone_function=reuse,
+            call_function=_skipping(removed),
+        )
+    if model.compiled:
+        new_model.compile_from_config(model.get_compile_config())
+    return new_model
+
+
+def _skipping(removed: set[int]) -> Callable:
+    def call(layer, *args, **kwargs):
+        if id(layer) in removed:  # a removed layer: its input flows through
+            return args[0] if args else kwargs["inputs"]
+        return layer(*args, **kwargs)
+
+    return call
 
 
 def _new_input(functional) -> Callable:
@@ -178,74 +366,3 @@ def _input_of(sequential):
         return keras.layers.InputLayer.from_config(first["config"])
     source = sequential.inputs[0]
     return keras.Input(batch_shape=source.shape, dtype=source.dtype)
-
-
-def _keras_histories(structure) -> list[tuple]:
-    """The ``(layer, node, tensor)`` of every tensor in a serialized structure.
-
-    Handles a call's serialized arguments (``__keras_tensor__`` entries) and a
-    functional config's ``output_layers`` (``[layer, node, tensor]`` lists).
-    """
-    if isinstance(structure, dict):
-        if structure.get("class_name") == "__keras_tensor__":
-            return [tuple(structure["config"]["keras_history"])]
-        return [h for value in structure.values() for h in _keras_histories(value)]
-    if isinstance(structure, (list, tuple)):
-        if len(structure) == 3 and isinstance(structure[0], str):
-            return [tuple(structure)]
-        return [h for item in structure for h in _keras_histories(item)]
-    return []
-
-
-def sole_consumer_pairs(model) -> list[tuple]:
-    """Pairs ``(producer, consumer)`` of layers directly connected in ``model``.
-
-    Each layer of a pair is called once in ``model``, the consumer's first
-    argument (positional, or the keyword ``inputs``) is the producer's output,
-    and nothing else (no other layer or operation, no model output) uses that
-    output. In a Sequential model these are the consecutive layers. Operation
-    nodes that are not layers count as users but are never part of a pair.
-
-    Returns:
-        A list of pairs of the original layer objects.
-    """
-    if isinstance(model, keras.Sequential):
-        return list(zip(model.layers, model.layers[1:]))
-    config = model.get_config()
-    calls = {entry["name"]: entry["inbound_nodes"] for entry in config["layers"]}
-    uses = Counter(_keras_histories(config["output_layers"]))
-    for nodes in calls.values():
-        uses.update(_keras_histories(nodes))
-    operations = {operation.name: operation for operation in model.operations}
-    pairs = []
-    for name, nodes in calls.items():
-        if len(nodes) != 1:
-            continue
-        first = _keras_histories(_first_argument(nodes[0]))
-        if len(first) != 1 or uses[first[0]] != 1:
-            continue
-        producer, consumer = operations[first[0][0]], operations[name]
-        if len(calls[producer.name]) == 1 and is_layer(producer) and is_layer(consumer):
-            pairs.append((producer, consumer))
-    return pairs
-
-
-def _first_argument(node: dict):
-    """A serialized call's first argument: positional, or the keyword ``inputs``."""
-    return node["args"][0] if node["args"] else node.get("kwargs", {}).get("inputs")
-
-
-def layers_called_with(model, argument: str, value) -> list[str]:
-    """Names of the layers that a functional ``model`` (or a nested one) calls
-    with the keyword ``argument`` set to ``value``, e.g. ``training=True``."""
-    names = []
-    for m in graph_models(model):
-        if isinstance(m, keras.Sequential):
-            continue
-        for entry in m.get_config()["layers"]:
-            if any(
-                node.get("kwargs", {}).get(argument, object()) == value
-                for node in entry["inbound_nodes"]
-            ):
-                names.append(entry["name"])
-    return names

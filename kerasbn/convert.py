@@ -2,12 +2,15 @@
 
 ``kerasbn.BatchNorm`` takes the constructor arguments, config keys and weight
 order of ``keras.layers.BatchNormalization``, so a swapped layer keeps its
-config (name, dtype policy and trainability included) and its weights.
+config (name, dtype policy and trainability included) and its variables. The
+swap happens in place, on the layer object (:func:`kerasbn._graph.transplant`),
+wherever the model holds it; by default on a true copy of the model.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import keras
 
@@ -15,9 +18,30 @@ from kerasbn import _graph
 from kerasbn.layer import BatchNorm
 
 
-def _swap(layer, new_class, config: dict):
-    """A ``new_class`` layer from ``config`` with ``layer``'s weights."""
-    return _graph.copy_state(layer, new_class.from_config(config))
+def _swap(model, function: str, kind, new_class, config_of, in_place: bool):
+    """Every ``kind`` BN layer of ``model``'s tree becomes a ``new_class`` layer.
+
+    Each layer is changed in place (:func:`kerasbn._graph.transplant`), keeping
+    its variables; the configs are all checked before any layer changes.
+    """
+    _graph.check_model(model, function)
+    target = model if in_place else _graph.copy_model(model, function)
+    found = [(path, bn) for path, bn in _graph.batch_norms(target) if type(bn) is kind]
+    for path, bn in _graph.batch_norms(target):
+        if type(bn) is not kind and isinstance(bn, kind):
+            warnings.warn(
+                f"`{function}` left BN layer {path!r} as it is: it is a "
+                f"{type(bn).__name__}, a subclass of {kind.__name__} whose own "
+                "behaviour a swap would lose.",
+                stacklevel=3,
+            )
+    fresh = [
+        _graph.build_like(new_class.from_config(config_of(bn)), bn) for _, bn in found
+    ]
+    for (_, bn), new in zip(found, fresh):
+        _graph.transplant(bn, new, keep_variables=True)
+    _graph.forget_compiled_functions(target)
+    return target
 
 
 def _keras_config(layer: BatchNorm) -> dict:
@@ -49,23 +73,39 @@ def _keras_config(layer: BatchNorm) -> dict:
     return config
 
 
-def from_keras(model: keras.Model) -> keras.Model:
-    """A copy of ``model`` with every Keras BN layer replaced by ``kerasbn.BatchNorm``.
+def from_keras(model: keras.Model, *, in_place: bool = False) -> keras.Model:
+    """``model`` with every Keras BN layer, at any depth, turned into ``kerasbn.BatchNorm``.
 
-    Each ``keras.layers.BatchNormalization``, in nested Sequential and
-    functional models too, becomes a ``kerasbn.BatchNorm`` with the same
-    config and weights (moving statistics included). Every other layer is
-    copied with its weights. The original model is not modified.
+    Every ``keras.layers.BatchNormalization`` in the model's layer tree is
+    reached: nodes of functional and Sequential graphs (nested ones too), and
+    BN layers held by custom layers and subclassed models (as attributes, in
+    lists, tuples or dicts, created in ``build()``), keras_hub backbones and
+    tasks included. Each becomes a ``kerasbn.BatchNorm`` with the same config
+    and the same variables: names, weight paths, values (moving statistics
+    included) and optimizer slots are unchanged. So is the rest of the model:
+    its class, config, attributes and layers. A subclass of
+    ``BatchNormalization`` is left as it is, with a warning naming its path.
+
+    By default the model is copied first (a true copy, through Keras's own
+    ``.keras`` serialization) and the copy is changed; the original is left
+    as it was.
+
+    After ``model.save``, a BN that is a node of a functional or Sequential
+    graph loads back as ``kerasbn.BatchNorm``. A BN that the model's code
+    creates (a custom layer's or a subclass's constructor) loads back as the
+    code creates it, with the saved statistics: call ``from_keras`` on the
+    loaded model (``in_place=True``) to get kerasbn layers again.
 
     Args:
-        model: a built Sequential or functional model.
+        model: a ``keras.Model`` of any kind.
+        in_place: change ``model`` itself instead of a copy.
 
     Returns:
-        The new model; compiled from ``model``'s compile config if ``model``
-        was compiled.
+        The changed copy, or ``model`` itself with ``in_place=True``.
 
     Raises:
-        ValueError: if ``model`` is not a built Sequential or functional model.
+        ValueError: if ``model`` is not a ``keras.Model``, or (without
+            ``in_place``) Keras cannot save and load it to make the copy.
 
     Example:
         >>> import keras, kerasbn
@@ -74,36 +114,38 @@ def from_keras(model: keras.Model) -> keras.Model:
         >>> [type(layer).__name__ for layer in kerasbn.from_keras(model).layers]
         ['Dense', 'BatchNorm']
     """
-    _graph.check_model(model, "from_keras")
+    return _swap(
+        model,
+        "from_keras",
+        keras.layers.BatchNormalization,
+        BatchNorm,
+        lambda bn: bn.get_config(),
+        in_place,
+    )
 
-    def replace(layer):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            return _swap(layer, BatchNorm, layer.get_config())
-        return layer
 
-    return _graph.rewrite(model, replace)
-
-
-def to_keras(model: keras.Model) -> keras.Model:
-    """A copy of ``model`` with every ``kerasbn.BatchNorm`` replaced by Keras's BN.
+def to_keras(model: keras.Model, *, in_place: bool = False) -> keras.Model:
+    """``model`` with every ``kerasbn.BatchNorm``, at any depth, turned into Keras's BN.
 
     The inverse of :func:`from_keras`, for deploying without kerasbn: each
-    ``kerasbn.BatchNorm``, in nested Sequential and functional models too,
-    becomes a ``keras.layers.BatchNormalization`` with the same config and
-    weights. A one-element list ``axis`` becomes that int.
+    ``kerasbn.BatchNorm`` anywhere in the layer tree becomes a
+    ``keras.layers.BatchNormalization`` with the same config and variables. A
+    one-element list ``axis`` becomes that int. Like :func:`from_keras`, it
+    changes a true copy unless ``in_place=True``, and keeps the model's class,
+    config, layer names and weight paths.
 
     Args:
-        model: a built Sequential or functional model.
+        model: a ``keras.Model`` of any kind.
+        in_place: change ``model`` itself instead of a copy.
 
     Returns:
-        The new model; compiled from ``model``'s compile config if ``model``
-        was compiled.
+        The changed copy, or ``model`` itself with ``in_place=True``.
 
     Raises:
-        ValueError: if ``model`` is not a built Sequential or functional model,
-            or a BN layer's config has what Keras cannot express: several
+        ValueError: if ``model`` is not a ``keras.Model``, Keras cannot copy
+            it, or a BN layer's config has what Keras cannot express: several
             axes, or a kerasbn-only option set to a value other than its
-            default.
+            default (checked for every layer before any changes).
 
     Example:
         >>> import keras, kerasbn
@@ -112,12 +154,11 @@ def to_keras(model: keras.Model) -> keras.Model:
         >>> [type(layer).__name__ for layer in kerasbn.to_keras(model).layers]
         ['Dense', 'BatchNormalization']
     """
-    _graph.check_model(model, "to_keras")
-
-    def replace(layer):
-        if isinstance(layer, BatchNorm):
-            config = _keras_config(layer)
-            return _swap(layer, keras.layers.BatchNormalization, config)
-        return layer
-
-    return _graph.rewrite(model, replace)
+    return _swap(
+        model,
+        "to_keras",
+        BatchNorm,
+        keras.layers.BatchNormalization,
+        _keras_config,
+        in_place,
+    )

@@ -109,12 +109,12 @@ def _inference_affine(bn) -> tuple[np.ndarray, np.ndarray]:
     return scale, value(bn.beta, 0.0) - value(bn.moving_mean, 0.0) * scale
 
 
-def _channel_affine(bn) -> ChannelAffine:
-    """``bn`` in inference as a :class:`ChannelAffine` with the same axes."""
-    layer = ChannelAffine(axis=bn.axis, name=bn.name, dtype=bn.dtype_policy)
-    layer.build_from_config(bn.get_build_config())
-    layer.set_weights(_inference_affine(bn))
-    return layer
+def _into_affine(bn) -> None:
+    """Turns ``bn``, in place, into a :class:`ChannelAffine` of its inference map."""
+    affine = ChannelAffine(axis=bn.axis, name=bn.name, dtype=bn.dtype_policy)
+    _graph.build_like(affine, bn)
+    affine.set_weights(_inference_affine(bn))
+    _graph.transplant(bn, affine, keep_variables=False)
 
 
 def _can_fold(producer, bn) -> bool:
@@ -131,58 +131,71 @@ def _can_fold(producer, bn) -> bool:
     return _axes(bn.axis, rank) == [1 if channels_first else rank - 1]
 
 
-def _folded(producer, bn):
-    """A copy of ``producer`` (with a bias) whose output equals ``bn(producer(x))``."""
+def _absorb(producer, bn) -> None:
+    """Folds ``bn``'s inference map into ``producer``'s kernel and bias, in place
+    (a bias is added where it had none), and turns ``bn`` into an identity."""
     scale, offset = (a.ravel() for a in _inference_affine(bn))
     kernel = ops.convert_to_numpy(producer.kernel)
-    bias = (
-        ops.convert_to_numpy(producer.bias).astype("f8")
-        if producer.use_bias
-        else np.zeros_like(scale)
-    )
     per_output = kernel.shape[-2:] if isinstance(producer, _DEPTHWISE) else (-1,)
-    new_kernel = kernel.astype("f8") * scale.reshape(per_output)
-    layer = type(producer).from_config({**producer.get_config(), "use_bias": True})
-    layer.build_from_config(producer.get_build_config())
-    layer.set_weights(
-        [new_kernel.astype(kernel.dtype), (bias * scale + offset).astype(kernel.dtype)]
-    )
-    return layer
+    producer.kernel.assign((kernel.astype("f8") * scale.reshape(per_output)).astype(kernel.dtype))
+    if producer.use_bias:
+        bias = ops.convert_to_numpy(producer.bias).astype("f8")
+    else:
+        bias = np.zeros_like(scale)
+        producer.bias = _graph.add_weight_in_place(
+            producer,
+            name="bias",
+            shape=scale.shape,
+            initializer="zeros",
+            dtype=producer.kernel.dtype,
+        )
+        producer.use_bias = True
+    producer.bias.assign((bias * scale + offset).astype(kernel.dtype))
+    identity = keras.layers.Identity(name=bn.name, dtype=bn.dtype_policy.name)
+    _graph.transplant(bn, identity, keep_variables=False)
 
 
-def _find_layer(model, name: str):
-    """The layer called ``name`` in ``model`` or a model nested in it."""
-    for m in _graph.graph_models(model):
-        for layer in m.layers:
-            if layer.name == name:
-                return layer
-    return None
+def fold_batch_norms(model: keras.Model, *, in_place: bool = False) -> keras.Model:
+    """``model`` for inference, with every batch normalization at any depth folded away.
 
+    Every BN layer (``kerasbn.BatchNorm`` or ``keras.layers.BatchNormalization``)
+    in the model's layer tree is reached: graph nodes of functional and
+    Sequential models (nested ones too) and BN layers held by custom layers
+    and subclassed models (keras_hub backbones and tasks included).
 
-def fold_batch_norms(model: keras.Model) -> keras.Model:
-    """A new inference model with every batch normalization folded away.
+    * A BN that is a graph node whose input is the output of a ``Dense``,
+      ``Conv1D/2D/3D`` or ``DepthwiseConv1D/2D`` layer with a linear
+      activation, of which it is the only consumer, and which normalizes that
+      layer's output-channel axis, is absorbed into that layer's kernel and
+      bias (a bias is added where ``use_bias=False``).
+    * Every other BN (after an activation or a pooling layer, on a shared
+      output, over several axes, or inside a custom layer's ``call``, whose
+      data flow a graph does not record) becomes a :class:`ChannelAffine`,
+      the fixed per-channel map of its inference.
 
-    Each ``kerasbn.BatchNorm`` or ``keras.layers.BatchNormalization`` whose
-    input is the output of a ``Dense``, ``Conv1D/2D/3D`` or
-    ``DepthwiseConv1D/2D`` layer with a linear activation, of which it is the
-    only consumer, and which normalizes that layer's output-channel axis, is
-    absorbed into that layer's kernel and bias (a bias is added where
-    ``use_bias=False``). Every other BN layer (after an activation or a
-    pooling layer, on a shared output, over several axes...) becomes a
-    :class:`ChannelAffine`. Both use the moving statistics, as ``predict``
-    does; renorm's extra state plays no part in inference. Nested Sequential
-    and functional models are folded too; BN layers inside subclassed layers
-    or models are copied as they are.
+    Both use the moving statistics, as ``predict`` does; renorm's extra state
+    plays no part in inference. Each BN is changed where it is held: an
+    absorbed BN of a plain Sequential or functional model is removed from the
+    graph, and one inside any other model (a subclass, a keras_hub backbone)
+    becomes a ``keras.layers.Identity`` of the same name, so that the model
+    keeps its class and structure. By default a true copy of the model is
+    folded (the original is unchanged); ``in_place=True`` folds ``model``
+    itself. ``fold_batch_norms.last_report`` then lists, by path, the BN
+    layers absorbed into their producer and those turned into an affine.
 
     Args:
-        model: a built Sequential or functional model. It is not modified.
+        model: a ``keras.Model`` of any kind, built.
+        in_place: fold ``model`` itself instead of a copy.
 
     Returns:
-        A new model whose ``predict`` equals ``model.predict`` up to float
+        A model whose ``predict`` equals ``model.predict`` up to float
         rounding, with no batch-normalization layer or op.
 
     Raises:
-        ValueError: if ``model`` is not a built Sequential or functional model.
+        ValueError: if ``model`` is not a ``keras.Model``, a BN layer is not
+            built, or is called with ``training=True`` in the model's graph
+            (it would use batch statistics even in ``predict``). Each message
+            names the layers' paths.
 
     Example:
         >>> import keras, numpy as np, kerasbn
@@ -192,16 +205,50 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
         >>> folded = kerasbn.fold_batch_norms(model)
         >>> [type(layer).__name__ for layer in folded.layers]
         ['Conv2D', 'ReLU']
+        >>> kerasbn.fold_batch_norms.last_report
+        {'absorbed': ['sequential/batch_norm'], 'affine': []}
         >>> x = np.random.default_rng(0).normal(size=(2, 8, 8, 3))
         >>> bool(np.allclose(folded.predict(x, verbose=0),
         ...                  model.predict(x, verbose=0), atol=1e-5))
         True
     """
     _graph.check_model(model, "fold_batch_norms")
+    _check_foldable(_graph.batch_norms(model), _graph.Graphs(model))
+    target = model if in_place else _graph.copy_model(model, "fold_batch_norms")
+    found, graphs = _graph.batch_norms(target), _graph.Graphs(target)
+    pairs = []
+    for path, bn in found:
+        producer = graphs.sole_producer(bn)
+        if producer is not None and _can_fold(producer, bn):
+            pairs.append((path, producer, bn))
+    absorbed = {id(bn) for _, _, bn in pairs}
+    for _, producer, bn in pairs:
+        _absorb(producer, bn)
+    affine = [path for path, bn in found if id(bn) not in absorbed]
+    for path, bn in found:
+        if id(bn) not in absorbed:
+            _into_affine(bn)
+    _graph.forget_compiled_functions(target)
+    fold_batch_norms.last_report = {
+        "absorbed": [path for path, _, _ in pairs],
+        "affine": affine,
+    }
+    return _graph.without(target, absorbed)
+
+
+fold_batch_norms.last_report = {"absorbed": [], "affine": []}
+
+
+def _check_foldable(found, graphs) -> None:
+    """Raises, naming the paths, for BN layers that cannot be folded."""
+    unbuilt = [path for path, bn in found if not bn.built]
+    if unbuilt:
+        raise ValueError(
+            f"fold_batch_norms needs built BN layers; {unbuilt} are not built (they "
+            "have no statistics yet). Call the model once before folding it."
+        )
     always_training = [
-        name
-        for name in _graph.layers_called_with(model, "training", True)
-        if isinstance(_find_layer(model, name), _BATCH_NORMS)
+        path for path, bn in found if graphs.called_with(bn, "training", True)
     ]
     if always_training:
         raise ValueError(
@@ -210,25 +257,3 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
             "and so use batch statistics even in predict(); folding would change "
             "their outputs. Call them without training=True to fold them."
         )
-    uses = _graph.layer_uses(model)
-    pairs = [
-        (producer, bn)
-        for m in _graph.graph_models(model)
-        for producer, bn in _graph.sole_consumer_pairs(m)
-        if isinstance(bn, _BATCH_NORMS)
-        and uses[id(producer)] == uses[id(bn)] == 1
-        and _can_fold(producer, bn)
-    ]
-    bn_of = {id(producer): bn for producer, bn in pairs}
-    absorbed = {id(bn) for _, bn in pairs}
-
-    def replace(layer):
-        if id(layer) in bn_of:
-            return _folded(layer, bn_of[id(layer)])
-        if id(layer) in absorbed:
-            return None
-        if isinstance(layer, _BATCH_NORMS):
-            return _channel_affine(layer)
-        return layer
-
-    return _graph.rewrite(model, replace)

@@ -1,6 +1,5 @@
 """from_keras / to_keras against the original model (the peer), config and weights."""
 
-import inspect
 import json
 
 import keras
@@ -162,33 +161,16 @@ def test_to_keras_refuses_several_axes():
         kerasbn.to_keras(model)
 
 
-class GhostBatchNorm(kerasbn.BatchNorm):
-    """A BatchNorm with a config key that Keras's BN does not have."""
-
-    def __init__(self, virtual_batch_size=None, **kwargs):
-        super().__init__(**kwargs)
-        self.virtual_batch_size = virtual_batch_size
-
-    def get_config(self):
-        return {**super().get_config(), "virtual_batch_size": self.virtual_batch_size}
-
-
-def ghost_classes():
-    """The test's subclass, and kerasbn.BatchNorm once it has the option."""
-    has_option = "virtual_batch_size" in inspect.signature(kerasbn.BatchNorm).parameters
-    return [GhostBatchNorm, *([kerasbn.BatchNorm] if has_option else [])]
-
-
-@pytest.mark.parametrize("bn_class", ghost_classes())
-def test_to_keras_refuses_a_kerasbn_only_option_but_converts_its_default(bn_class):
+def test_to_keras_refuses_a_kerasbn_only_option_but_converts_its_default():
+    bn_class = kerasbn.BatchNorm
     with pytest.raises(ValueError, match="has no `virtual_batch_size`; got .*=4"):
         kerasbn.to_keras(sequential(bn_class(virtual_batch_size=4)))
     converted = kerasbn.to_keras(sequential(bn_class(virtual_batch_size=None)))
     assert type(converted.layers[-1]) is KERAS_BN
 
 
-def test_non_graph_model_is_rejected_with_a_clear_error():
-    with pytest.raises(ValueError, match="to_keras.*Sequential or functional"):
+def test_a_layer_that_is_not_a_model_is_rejected_with_a_clear_error():
+    with pytest.raises(ValueError, match="to_keras.*needs a keras.Model.*Dense"):
         kerasbn.to_keras(keras.layers.Dense(3))
 
 
@@ -230,7 +212,9 @@ def test_to_keras_of_from_keras_gives_back_every_node_models_config_and_weights(
     model = every_node_model()
     randomize_batch_norms(model, rng)
     back = kerasbn.to_keras(kerasbn.from_keras(model))
-    assert back.get_config() == model.get_config()
+    # A copy's build configs hold lists where the original's hold tuples, as
+    # after a .keras round trip: compare them as JSON.
+    assert json.dumps(back.get_config()) == json.dumps(model.get_config())
     for a, e in zip(flat_numpy(back.weights), flat_numpy(model.weights), strict=True):
         np.testing.assert_array_equal(a, e)
     x = graph_inputs(rng)
@@ -261,4 +245,5 @@ def test_frozen_nested_functional_model_stays_frozen_and_keeps_its_config():
     converted = kerasbn.from_keras(model)
     assert converted.get_layer("backbone").trainable is False
     assert len(converted.trainable_weights) == len(model.trainable_weights) == 2
-    assert kerasbn.to_keras(converted).get_config() == model.get_config()
+    back = kerasbn.to_keras(converted).get_config()
+    assert json.dumps(back) == json.dumps(model.get_config())  # tuples: see above
