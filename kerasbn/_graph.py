@@ -95,7 +95,9 @@ def walk(root) -> list[tuple[str, keras.layers.Layer]]:
 def batch_norms(root) -> list[tuple[str, keras.layers.Layer]]:
     """``(path, layer)`` of every BN layer (``kerasbn.BatchNorm`` or
     ``keras.layers.BatchNormalization``, subclasses included) in ``root``'s tree."""
-    return [(path, layer) for path, layer in walk(root) if isinstance(layer, BATCH_NORMS)]
+    return [
+        (path, layer) for path, layer in walk(root) if isinstance(layer, BATCH_NORMS)
+    ]
 
 
 def models(root) -> Iterator[keras.Model]:

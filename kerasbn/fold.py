@@ -137,7 +137,9 @@ def _absorb(producer, bn) -> None:
     scale, offset = (a.ravel() for a in _inference_affine(bn))
     kernel = ops.convert_to_numpy(producer.kernel)
     per_output = kernel.shape[-2:] if isinstance(producer, _DEPTHWISE) else (-1,)
-    producer.kernel.assign((kernel.astype("f8") * scale.reshape(per_output)).astype(kernel.dtype))
+    producer.kernel.assign(
+        (kernel.astype("f8") * scale.reshape(per_output)).astype(kernel.dtype)
+    )
     if producer.use_bias:
         bias = ops.convert_to_numpy(producer.bias).astype("f8")
     else:
@@ -256,4 +258,14 @@ def _check_foldable(found, graphs) -> None:
             f"{always_training} are called with training=True in the model's graph "
             "and so use batch statistics even in predict(); folding would change "
             "their outputs. Call them without training=True to fold them."
+        )
+    batch_mode = [
+        path for path, bn in found if getattr(bn, "statistics", "auto") == "batch"
+    ]
+    if batch_mode:
+        raise ValueError(
+            "fold_batch_norms folds the moving statistics, but the BN layers "
+            f"{batch_mode} have statistics='batch' and normalize with batch "
+            "statistics in predict() too; folding would change their outputs. Set "
+            "their statistics to 'auto' or 'moving' to fold them."
         )
