@@ -2,6 +2,7 @@
 
 from kerasbn.convert import from_keras, to_keras
 from kerasbn.fold import fold_batch_norms
+from kerasbn.freeze import freeze_batch_norms
 from kerasbn.layer import BatchNorm
 from kerasbn.legacy import load_legacy_model
 from kerasbn.recalibrate import recalibrate
@@ -13,6 +14,7 @@ __all__ = [
     "BatchNorm",
     "BatchNormalization",
     "fold_batch_norms",
+    "freeze_batch_norms",
     "from_keras",
     "from_torch",
     "load_legacy_model",

@@ -20,6 +20,7 @@ MODULES = [
     "kerasbn.convert",
     "kerasbn.torch_interop",
     "kerasbn.legacy",
+    "kerasbn.freeze",
 ]
 
 
