@@ -1,6 +1,6 @@
 """kerasbn: batch normalization for Keras 3, a drop-in for keras.layers.BatchNormalization."""
 
-from kerasbn.convert import from_keras, to_keras
+from kerasbn.convert import from_keras, load_model, to_keras
 from kerasbn.fold import fold_batch_norms
 from kerasbn.freeze import freeze_batch_norms
 from kerasbn.layer import BatchNorm
@@ -18,6 +18,7 @@ __all__ = [
     "from_keras",
     "from_torch",
     "load_legacy_model",
+    "load_model",
     "recalibrate",
     "to_keras",
     "to_torch",

@@ -17,7 +17,7 @@ The tools change layers **in place**, on the layer objects themselves:
 
 Functional graphs hold operations, of which layers are one kind: a ``keras.ops``
 call on a symbolic tensor (``x + 3.0``) is an operation node without weights.
-:func:`sole_producer` reads the graph's nodes to find the Dense/Conv layer whose
+:meth:`Graphs.sole_producer` reads the graph's nodes to find the Dense/Conv layer whose
 output only a given BN consumes.
 """
 
@@ -27,6 +27,12 @@ import copy
 from collections.abc import Callable, Iterator
 
 import keras
+
+# Keras internals that a true copy must know: the graph map of functional
+# models, the base class of what Keras pickles, and the tracked containers.
+from keras.src.ops import function as keras_function
+from keras.src.saving import keras_saveable
+from keras.src.utils import tracking
 
 from kerasbn.layer import BatchNorm
 
@@ -106,27 +112,107 @@ def models(root) -> Iterator[keras.Model]:
 
 
 def copy_model(model: keras.Model, function: str) -> keras.Model:
-    """A true copy of ``model``: ``copy.deepcopy``, compiled functions dropped.
+    """A true copy of ``model``: every object of its tree deep-copied.
 
-    A deep copy keeps what serialization may not: the model's class, config
-    and attributes, every layer (those off the output path too), layer names,
-    weight paths, lazily built layers' state and the compile state, and it
-    needs no class to be registered. Its variables are new and hold the same
-    values; nothing of it is shared with ``model``.
+    Keras pickles (and so deep-copies) a model by saving and loading it,
+    which gives unnamed layers new names and so new weight paths, and needs
+    every class registered. Here every layer and model is copied as a plain
+    Python object instead, attribute by attribute: the copy has the model's
+    class, config and attributes, every layer (those off the output path
+    too), the same layer names and weight paths, the state of lazily built
+    layers, and new variables with the same values. A compiled model's copy
+    is compiled from its compile config, with a new optimizer (an optimizer
+    keys its slots by the variables' ids); compiled train/test/predict
+    functions are not copied, and the next call compiles them anew.
 
     Raises:
-        ValueError: if ``model`` cannot be deep-copied; the message names
+        ValueError: if ``model`` cannot be copied; the message names
             ``function`` and the way to change the model in place instead.
     """
+    copiers = {
+        keras_saveable.KerasSaveable: _new_like,  # optimizers, losses, metrics
+        keras.layers.Layer: _copy_layer,
+        tracking.Tracker: _copy_tracker,
+        **{
+            cls: _copy_container
+            for cls in (
+                tracking.TrackedList,
+                tracking.TrackedDict,
+                tracking.TrackedOrderedDict,
+                tracking.TrackedSet,
+            )
+        },
+    }
+    for cls, copier in copiers.items():
+        cls.__deepcopy__ = copier
     try:
         duplicate = copy.deepcopy(model)
     except Exception as error:
         raise ValueError(
-            f"`{function}` works on a copy of the model, and copy.deepcopy failed "
-            f"for {type(model).__name__} {model.name!r}: {error}. Pass "
+            f"`{function}` works on a copy of the model, and copying "
+            f"{type(model).__name__} {model.name!r} failed: {error}. Pass "
             "in_place=True to change the model itself."
         ) from error
-    forget_compiled_functions(duplicate)
+    finally:
+        for cls in copiers:
+            del cls.__deepcopy__
+    for graph in _graphs(duplicate):  # their node keys hold the objects' ids
+        nodes = keras_function.map_graph(graph._inputs, graph._outputs)[0]
+        object.__setattr__(graph, "_nodes", nodes)
+    for original, new in zip(models(model), models(duplicate)):
+        if getattr(original, "compiled", False):  # an optimizer keys its
+            new.compile_from_config(original.get_compile_config())  # slots by id
+    return duplicate
+
+
+# Attributes of a layer that are not copied: the wrappers that Keras makes
+# for each new layer object (the copy has its own), and compiled functions.
+_NOT_COPIED = ("build", "quantize")
+_COMPILED = ("train_function", "test_function", "predict_function")
+
+
+def _new_like(original, memo: dict, skip: tuple = ()):
+    """A new object of ``original``'s class with deep copies of its attributes."""
+    cls = type(original)
+    duplicate = cls.__new__(cls)  # for a layer, Keras's __new__ makes its wrappers
+    memo[id(original)] = duplicate
+    for key, value in vars(original).items():
+        if key in skip:
+            continue
+        if key in _COMPILED:
+            value = None
+        elif "strategy" not in key:  # a distribution strategy is shared
+            value = copy.deepcopy(value, memo)
+        object.__setattr__(duplicate, key, value)
+    return duplicate
+
+
+def _copy_layer(layer, memo: dict):
+    return _new_like(layer, memo, skip=_NOT_COPIED)
+
+
+def _copy_tracker(tracker, memo: dict):
+    """A tracker's copy, whose record of ids is that of the copied stores."""
+    duplicate = _new_like(tracker, memo)
+    duplicate.stored_ids = {
+        name: {id(value) for value in store}
+        for name, (_, store) in duplicate.config.items()
+    }
+    return duplicate
+
+
+def _copy_container(container, memo: dict):
+    """A tracked list, dict or set copied without tracking its items again
+    (its tracker's stores are copied with the layer)."""
+    duplicate = _new_like(container, memo)
+    base = next(c for c in type(container).__mro__ if c in (list, dict, set))
+    if base is dict:
+        items = {k: copy.deepcopy(v, memo) for k, v in container.items()}
+        dict.update(duplicate, items)
+    else:
+        getattr(base, "update" if base is set else "extend")(
+            duplicate, [copy.deepcopy(v, memo) for v in container]
+        )
     return duplicate
 
 

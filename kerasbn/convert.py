@@ -93,8 +93,8 @@ def from_keras(model: keras.Model, *, in_place: bool = False) -> keras.Model:
     After ``model.save``, a BN that is a node of a functional or Sequential
     graph loads back as ``kerasbn.BatchNorm``. A BN that the model's code
     creates (a custom layer's or a subclass's constructor) loads back as the
-    code creates it, with the saved statistics: call ``from_keras`` on the
-    loaded model (``in_place=True``) to get kerasbn layers again.
+    code creates it: :func:`load_model` loads such a file with kerasbn layers
+    and the saved statistics.
 
     Args:
         model: a ``keras.Model`` of any kind.
@@ -162,3 +162,46 @@ def to_keras(model: keras.Model, *, in_place: bool = False) -> keras.Model:
         _keras_config,
         in_place,
     )
+
+
+def load_model(filepath, **kwargs) -> keras.Model:
+    """Loads a ``.keras`` file of a model whose BN layers are ``kerasbn.BatchNorm``.
+
+    A BN that is a node of a functional or Sequential graph is saved as
+    ``kerasbn.BatchNorm`` and loads back as one through plain
+    ``keras.models.load_model``. A BN that the model's own code creates (a
+    custom layer's or a subclass's constructor, as keras_hub models do) is
+    created again by that code on loading. This call has that code create
+    ``kerasbn.BatchNorm`` where it asks for ``keras.layers.BatchNormalization``,
+    so every saved statistic lands in a kerasbn layer. A file whose BN layers
+    were saved as Keras's (the model was never swapped) is loaded as it is
+    and then swapped in place with :func:`from_keras`. Either way every BN of
+    the result is a ``kerasbn.BatchNorm`` with the saved weights.
+
+    Args:
+        filepath: the ``.keras`` file.
+        **kwargs: passed on to ``keras.models.load_model``.
+
+    Returns:
+        The loaded model.
+
+    Example:
+        >>> import keras, kerasbn, tempfile, os
+        >>> model = kerasbn.from_keras(keras.Sequential([
+        ...     keras.Input((3,)), keras.layers.BatchNormalization()]))
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.keras")
+        >>> model.save(path)
+        >>> [type(layer).__name__ for layer in kerasbn.load_model(path).layers]
+        ['BatchNorm']
+    """
+    keras_bn = keras.layers.BatchNormalization
+    keras.layers.BatchNormalization = BatchNorm  # what the model's code asks for
+    try:
+        model = keras.models.load_model(filepath, **kwargs)
+    except ValueError:  # weights saved under Keras's BN (not swapped before)
+        model = None
+    finally:
+        keras.layers.BatchNormalization = keras_bn
+    if model is None:
+        model = keras.models.load_model(filepath, **kwargs)
+    return from_keras(model, in_place=True)

@@ -92,6 +92,34 @@ class ChannelAffine(keras.layers.Layer):
         return {**super().get_config(), "axis": self.axis}
 
 
+@keras.saving.register_keras_serializable(package="kerasbn")
+class Absorbed(keras.layers.Layer):
+    """A BN layer folded into the layer before it: it passes its input through.
+
+    :func:`fold_batch_norms` leaves it where a graph cannot be rebuilt
+    without the BN (a model class of its own, such as a keras_hub backbone),
+    so that the model keeps its structure. It takes the BN's call arguments
+    (``mask`` too) and computes nothing.
+
+    Example:
+        >>> keras.ops.convert_to_numpy(Absorbed()(np.ones((1, 2)))).tolist()
+        [[1.0, 1.0]]
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, inputs, mask=None):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return super().get_config()  # the base layer's config (dtype policy too)
+
+
 def _inference_affine(bn) -> tuple[np.ndarray, np.ndarray]:
     """The float64 ``(scale, offset)`` of ``bn`` in inference, statistics-shaped.
 
@@ -133,7 +161,7 @@ def _can_fold(producer, bn) -> bool:
 
 def _absorb(producer, bn) -> None:
     """Folds ``bn``'s inference map into ``producer``'s kernel and bias, in place
-    (a bias is added where it had none), and turns ``bn`` into an identity."""
+    (a bias is added where it had none), and turns ``bn`` into an :class:`Absorbed` pass-through."""
     scale, offset = (a.ravel() for a in _inference_affine(bn))
     kernel = ops.convert_to_numpy(producer.kernel)
     per_output = kernel.shape[-2:] if isinstance(producer, _DEPTHWISE) else (-1,)
@@ -153,8 +181,9 @@ def _absorb(producer, bn) -> None:
         )
         producer.use_bias = True
     producer.bias.assign((bias * scale + offset).astype(kernel.dtype))
-    identity = keras.layers.Identity(name=bn.name, dtype=bn.dtype_policy.name)
-    _graph.transplant(bn, identity, keep_variables=False)
+    _graph.transplant(
+        bn, Absorbed(name=bn.name, dtype=bn.dtype_policy), keep_variables=False
+    )
 
 
 def fold_batch_norms(model: keras.Model, *, in_place: bool = False) -> keras.Model:
@@ -179,7 +208,7 @@ def fold_batch_norms(model: keras.Model, *, in_place: bool = False) -> keras.Mod
     plays no part in inference. Each BN is changed where it is held: an
     absorbed BN of a plain Sequential or functional model is removed from the
     graph, and one inside any other model (a subclass, a keras_hub backbone)
-    becomes a ``keras.layers.Identity`` of the same name, so that the model
+    becomes an :class:`Absorbed` pass-through of the same name, so that the model
     keeps its class and structure. By default a true copy of the model is
     folded (the original is unchanged); ``in_place=True`` folds ``model``
     itself. ``fold_batch_norms.last_report`` then lists, by path, the BN
@@ -202,13 +231,13 @@ def fold_batch_norms(model: keras.Model, *, in_place: bool = False) -> keras.Mod
     Example:
         >>> import keras, numpy as np, kerasbn
         >>> model = keras.Sequential([keras.Input((8, 8, 3)),
-        ...     keras.layers.Conv2D(4, 3, use_bias=False), kerasbn.BatchNorm(),
-        ...     keras.layers.ReLU()])
+        ...     keras.layers.Conv2D(4, 3, use_bias=False), kerasbn.BatchNorm(name="bn"),
+        ...     keras.layers.ReLU()], name="net")
         >>> folded = kerasbn.fold_batch_norms(model)
         >>> [type(layer).__name__ for layer in folded.layers]
         ['Conv2D', 'ReLU']
         >>> kerasbn.fold_batch_norms.last_report
-        {'absorbed': ['sequential/batch_norm'], 'affine': []}
+        {'absorbed': ['net/bn'], 'affine': []}
         >>> x = np.random.default_rng(0).normal(size=(2, 8, 8, 3))
         >>> bool(np.allclose(folded.predict(x, verbose=0),
         ...                  model.predict(x, verbose=0), atol=1e-5))
@@ -226,14 +255,13 @@ def fold_batch_norms(model: keras.Model, *, in_place: bool = False) -> keras.Mod
     absorbed = {id(bn) for _, _, bn in pairs}
     for _, producer, bn in pairs:
         _absorb(producer, bn)
-    affine = [path for path, bn in found if id(bn) not in absorbed]
-    for path, bn in found:
-        if id(bn) not in absorbed:
-            _into_affine(bn)
+    affine = [(path, bn) for path, bn in found if id(bn) not in absorbed]
+    for _, bn in affine:
+        _into_affine(bn)
     _graph.forget_compiled_functions(target)
     fold_batch_norms.last_report = {
         "absorbed": [path for path, _, _ in pairs],
-        "affine": affine,
+        "affine": [path for path, _ in affine],
     }
     return _graph.without(target, absorbed)
 

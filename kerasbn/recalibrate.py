@@ -23,9 +23,12 @@ How the pass runs:
   nor ``E[x**2] - E[x]**2``, and float64 on every backend, JAX without x64
   included.
 
-Only the public layer API and ``keras.models.clone_model`` are used: a probe
-model reuses the model's own layers and wraps each BN layer in a recorder.
-BN layers inside custom (non-model) layers are not reached.
+Every BN layer of the model's tree is reached (:func:`kerasbn._graph.walk`):
+graph nodes, and BN layers held by custom layers and subclassed models. For
+the pass, each BN layer's ``call`` is wrapped, on that object, by a recorder
+that keeps the moments of its inputs and calls the layer with
+``training=True``; the model itself is then called eagerly with
+``training=False``, and the wrappers are removed afterwards.
 """
 
 from __future__ import annotations
@@ -37,10 +40,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from kerasbn import _graph
 from kerasbn import ops as bn_ops
-from kerasbn.layer import BatchNorm
-
-BN_LAYERS = (BatchNorm, keras.layers.BatchNormalization)
 
 
 def recalibrate(
@@ -58,10 +59,16 @@ def recalibrate(
     ``moving_stddev = sqrt(variance + epsilon)``), and the ``trainable``
     flags are restored, so frozen BN layers are recalibrated too.
 
+    Every BN layer of the model's layer tree is recalibrated, wherever the
+    model holds it: graph nodes of functional and Sequential models (nested
+    ones too), and BN layers inside custom layers and subclassed models
+    (keras_hub backbones and tasks included). Like ``fit``, it changes the
+    model's state in place.
+
     Args:
-        model: a Sequential or functional Keras model (nested ones too) with
-            ``kerasbn.BatchNorm`` and/or ``keras.layers.BatchNormalization``
-            layers. It is updated in place.
+        model: a ``keras.Model`` of any kind with ``kerasbn.BatchNorm``
+            and/or ``keras.layers.BatchNormalization`` layers. It is updated
+            in place.
         data: a batched ``tf.data.Dataset``, a NumPy array of inputs, or an
             iterable (e.g. a generator or a ``torch`` DataLoader) of batches,
             on any backend. Elements may be ``x`` or ``(x, y[,
@@ -75,10 +82,11 @@ def recalibrate(
         ``model``, with its BN layers' moving statistics replaced.
 
     Raises:
-        TypeError: ``model`` is not a Sequential or functional model, or
-            ``steps`` or ``batch_size`` is not an int.
+        TypeError: ``model`` is not a Keras layer or model, or ``steps`` or
+            ``batch_size`` is not an int.
         ValueError: ``steps`` or ``batch_size`` is below 1, ``data`` gave no
-            batch, or a BN layer saw no (unmasked) value.
+            batch, or a BN layer saw no (unmasked) value (the message names
+            its path).
 
     Example:
         >>> import numpy as np, keras, kerasbn
@@ -90,110 +98,88 @@ def recalibrate(
     """
     _check_positive_int("steps", steps, allow_none=True)
     _check_positive_int("batch_size", batch_size)
-    layers = _bn_layers(model)
-    if not layers:
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"recalibrate needs a keras.Model; got {type(model).__name__}.")
+    found = _graph.batch_norms(model)
+    if not found:
         return model
-    saved_weights = [layer.get_weights() for layer in layers]
+    layers = [layer for _, layer in found]
+    saved_weights = [layer.get_weights() if layer.built else [] for layer in layers]
     saved_flags = [_trainable_flags(layer) for layer in layers]
-    recorders: dict[int, _MomentsRecorder] = {}
+    recorders = [_Recorder(layer) for layer in layers]
     try:
         for layer in layers:
             layer.trainable = True  # a frozen BN would not use batch statistics
-        probe = _probe(model, recorders)
         pooled: list = [None] * len(layers)
         for x in _batches(data, steps, batch_size):
-            probe.predict_on_batch(x)
-            for i, layer in enumerate(layers):
-                batch = recorders[id(layer)].take()
-                pooled[i] = batch if pooled[i] is None else _merge(pooled[i], batch)
-        if pooled[0] is None:
+            model(x, training=False)
+            for i, recorder in enumerate(recorders):
+                batch = recorder.take()
+                if batch is not None:
+                    pooled[i] = batch if pooled[i] is None else _merge(pooled[i], batch)
+        if not any(recorder.batches for recorder in recorders):
             raise ValueError("`data` gave no batch; recalibrate needs at least one.")
         statistics = [
-            _population(layer, moments) for layer, moments in zip(layers, pooled)
+            _population(path, layer, moments)
+            for (path, layer), moments in zip(found, pooled)
         ]
     finally:
+        for recorder in recorders:
+            recorder.remove()
         for layer, weights, flags in zip(layers, saved_weights, saved_flags):
-            layer.set_weights(weights)
+            if weights:
+                layer.set_weights(weights)
             _restore_trainable_flags(layer, flags)
     for layer, (mean, variance) in zip(layers, statistics):
         _set_moving_statistics(layer, mean, variance)
+    _graph.forget_compiled_functions(model)
     return model
 
 
-def _bn_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """The BN layers of ``model`` and of the models nested in it, in order."""
-    found: list[keras.layers.Layer] = []
-    for layer in model.layers:
-        if isinstance(layer, BN_LAYERS):
-            found.append(layer)
-        elif isinstance(layer, keras.Model):
-            found.extend(_bn_layers(layer))
-    return list({id(layer): layer for layer in found}.values())
+class _Recorder:
+    """Wraps one BN layer's ``call``, on the layer object, for the pass.
 
-
-class _MomentsRecorder(keras.layers.Layer):
-    """Calls a BN layer in training mode and keeps the moments of its inputs.
-
-    The moments of every call since the last :meth:`take` are merged in the
-    statistics dtype (float32 at least), so a BN shared by several nodes
-    counts each of its calls in a batch.
+    The wrapped call computes the shifted moments of its input (masked by
+    the layer's rule), keeps them as float64 NumPy arrays (a BN called several
+    times per batch merges its calls), and calls the layer with
+    ``training=True``.
     """
 
-    def __init__(self, bn: keras.layers.Layer, **kwargs):
-        super().__init__(name=f"{bn.name}_recorder", **kwargs)
+    def __init__(self, bn):
         self.bn = bn
-        self.supports_masking = True
+        self.batches = 0
+        self._moments = None
+        self._call = bn.call
+        object.__setattr__(bn, "call", self._recording_call)
 
-    def build(self, input_shape):
-        ndim = len(input_shape)
+    def _recording_call(self, inputs, training=None, mask=None):
+        ndim = len(inputs.shape)
         axes = (
             self.bn.axis if isinstance(self.bn.axis, (list, tuple)) else [self.bn.axis]
         )
-        self._channel_axes = sorted(a % ndim for a in axes)
-        self._reduction_axes = [a for a in range(ndim) if a not in self._channel_axes]
-        shape = [input_shape[a] if a in self._channel_axes else 1 for a in range(ndim)]
-        dtype = bn_ops.statistics_dtype(self.bn.compute_dtype)
-        self._moments = bn_ops.Moments(
-            *[
-                self.add_weight(
-                    shape=shape,
-                    initializer="zeros",
-                    dtype=dtype,
-                    trainable=False,
-                    autocast=False,
-                    name=name,
-                )
-                for name in bn_ops.Moments._fields
-            ]
+        channels = sorted(a % ndim for a in axes)
+        reduction = [a for a in range(ndim) if a not in channels]
+        moments = bn_ops.sufficient_moments(
+            inputs, reduction, bn_ops.expand_mask(mask, inputs)
         )
-
-    def call(self, inputs, mask=None):
-        batch = bn_ops.sufficient_moments(
-            inputs, self._reduction_axes, bn_ops.expand_mask(mask, inputs)
-        )
-        dtype = self._moments.count.dtype
-        batch = bn_ops.Moments(*[ops.cast(f, dtype) for f in batch])
-        seen = bn_ops.Moments(*[ops.convert_to_tensor(m.value) for m in self._moments])
-        for variable, value in zip(self._moments, bn_ops.merge_moments(seen, batch)):
-            variable.assign(value)
-        return self.bn(inputs, training=True, mask=mask)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def take(self) -> bn_ops.Moments:
-        """The moments recorded since the last call, as float64 NumPy arrays
-        with the channel axes only; the record starts afresh."""
-        shape = tuple(self._moments.count.shape[a] for a in self._channel_axes)
+        shape = tuple(inputs.shape[a] for a in channels)
         moments = bn_ops.Moments(
-            *[
-                ops.convert_to_numpy(m).astype("f8").reshape(shape)
-                for m in self._moments
-            ]
+            *[ops.convert_to_numpy(m).astype("f8").reshape(shape) for m in moments]
         )
-        for variable in self._moments:
-            variable.assign(ops.zeros(variable.shape, variable.dtype))
+        self._moments = (
+            moments if self._moments is None else _merge(self._moments, moments)
+        )
+        return self._call(inputs, training=True, mask=mask)
+
+    def take(self) -> bn_ops.Moments | None:
+        """The moments recorded since the last call (None if the layer was not
+        called); the record starts afresh."""
+        moments, self._moments = self._moments, None
+        self.batches += moments is not None
         return moments
+
+    def remove(self) -> None:
+        object.__delattr__(self.bn, "call")
 
 
 def _merge(a: bn_ops.Moments, b: bn_ops.Moments) -> bn_ops.Moments:
@@ -210,50 +196,18 @@ def _merge(a: bn_ops.Moments, b: bn_ops.Moments) -> bn_ops.Moments:
     )
 
 
-def _population(layer, moments: bn_ops.Moments) -> tuple[np.ndarray, np.ndarray]:
+def _population(path: str, layer, moments) -> tuple[np.ndarray, np.ndarray]:
     """The pooled ``(mean, variance)`` of one BN layer's inputs: the biased
     variance, or the unbiased one (``m2 / (n - 1)``) for a layer with
     ``unbiased_moving_variance=True``."""
     unbiased = bool(getattr(layer, "unbiased_moving_variance", False))
-    if np.any(moments.count <= int(unbiased)):
+    if moments is None or np.any(moments.count <= int(unbiased)):
+        seen = "fewer than two unmasked values" if unbiased else "no unmasked value"
         raise ValueError(
-            f"BN layer {layer.name!r} saw {'fewer than two unmasked values' if unbiased else 'no unmasked value'} "
-            "in a channel during the recalibration pass, so it has no population "
-            "statistics."
+            f"BN layer {path!r} saw {seen} in a channel during the recalibration "
+            "pass, so it has no population statistics."
         )
     return moments.shift + moments.offset, moments.m2 / (moments.count - unbiased)
-
-
-def _probe(model: keras.Model, recorders: dict) -> keras.Model:
-    """A model on the same layers, each BN layer wrapped in a recorder."""
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "recalibrate needs a Sequential or functional keras.Model; got "
-            f"{type(model).__name__}."
-        )
-
-    def reuse(layer):
-        if isinstance(layer, BN_LAYERS):
-            recorders[id(layer)] = _MomentsRecorder(layer)
-            return recorders[id(layer)]
-        return layer
-
-    try:
-        probe = keras.models.clone_model(model, clone_function=reuse, recursive=True)
-    except ValueError as error:  # subclassed models cannot be cloned
-        raise TypeError(
-            "recalibrate needs a Sequential or functional keras.Model; "
-            f"cloning {type(model).__name__} failed: {error}"
-        ) from error
-    unreached = [
-        layer.name for layer in _bn_layers(model) if id(layer) not in recorders
-    ]
-    if unreached:
-        raise TypeError(
-            f"recalibrate cannot reach the BN layers {unreached}: they sit in a "
-            "subclassed model; only Sequential and functional models are cloned."
-        )
-    return probe
 
 
 def _batches(data, steps: int | None, batch_size: int) -> Iterator:
@@ -272,13 +226,13 @@ def _batches(data, steps: int | None, batch_size: int) -> Iterator:
 
 
 def _as_input(value):
-    """One input array as ``predict_on_batch`` takes it on the active backend.
+    """One input array as a tensor of the active backend.
 
     Its own tensors pass as they are; anything else (a ``tf.Tensor`` from a
-    ``tf.data.Dataset`` on JAX or PyTorch, a list) becomes a NumPy array, as
+    ``tf.data.Dataset`` on JAX or PyTorch, a list) goes through NumPy, as
     Keras's data adapters do for ``fit`` and ``predict``.
     """
-    return value if ops.is_tensor(value) else np.asarray(value)
+    return value if ops.is_tensor(value) else ops.convert_to_tensor(np.asarray(value))
 
 
 def _set_moving_statistics(layer, mean: np.ndarray, variance: np.ndarray) -> None:

@@ -209,19 +209,37 @@ def test_empty_data_is_an_error_and_leaves_the_model_as_it_was():
     np.testing.assert_array_equal(to_numpy(model.layers[0].moving_variance), np.ones(3))
 
 
-def test_subclassed_model_is_refused():
+def test_subclassed_model_bn_in_attribute_and_list_gets_numpy_population_statistics(
+    rng,
+):
     class Subclassed(keras.Model):
         def __init__(self):
             super().__init__()
             self.bn = kerasbn.BatchNorm()
+            self.blocks = [keras.layers.Dense(4), keras.layers.BatchNormalization()]
 
         def call(self, x):
-            return self.bn(x)
+            return self.blocks[1](self.blocks[0](self.bn(x)))
 
     model = Subclassed()
     model(np.ones((2, 3), "float32"))
-    with pytest.raises(TypeError, match="Sequential or functional"):
-        kerasbn.recalibrate(model, np.ones((4, 3), "float32"))
+    x = rng.normal(4.0, 3.0, (40, 3)).astype("float32")
+    kerasbn.recalibrate(model, x, batch_size=8)
+    np.testing.assert_allclose(to_numpy(model.bn.moving_mean), x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(model.bn.moving_variance), x.var(0), rtol=1e-5)
+    # The Dense sees each batch normalized with its own statistics, as in training.
+    kernel, bias = (to_numpy(w).astype("f8") for w in model.blocks[0].weights)
+    batches = x.astype("f8").reshape(5, 8, 3)
+    normalized = (batches - batches.mean(1, keepdims=True)) / np.sqrt(
+        batches.var(1, keepdims=True) + 1e-3
+    )
+    dense = (normalized.reshape(40, 3) @ kernel) + bias
+    np.testing.assert_allclose(
+        to_numpy(model.blocks[1].moving_mean), dense.mean(0), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        to_numpy(model.blocks[1].moving_variance), dense.var(0), rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("bn_class", BN_CLASSES)

@@ -1,0 +1,273 @@
+"""The tools on every keras_hub model family that holds batch norm.
+
+The models are the entries of ``keras_hub_models.py`` (smallest configs,
+random weights, 64-px inputs, no presets). Each gets mild random BN
+statistics and the peer is always the keras_hub model itself:
+
+* ``from_keras`` finds every BN at any depth (graph nodes and custom layers'
+  attributes) and swaps each for ``kerasbn.BatchNorm``; the result keeps the
+  model's class and every weight path, gives its inference outputs, and after
+  one training-mode call the same outputs and weights (moving statistics
+  included), path by path;
+* ``fold_batch_norms`` leaves no BN layer at any depth and keeps the
+  predictions;
+* ``recalibrate`` on one batch sets every BN's statistics to that batch's:
+  inference then gives the training-mode outputs of the original model;
+* ``to_keras(from_keras(model))`` gives back the original config and weights;
+* a ``.keras`` file of the converted model loads back, in a fresh process that
+  imports only kerasbn and keras_hub, with the same weights and outputs.
+
+"The same" is to ``TOLERANCE`` of the output's largest magnitude: these are
+float32 evaluations of the same sums in another order, far closer than a
+missed BN with random statistics. Every call passes ``training`` explicitly:
+a plain ``model(x)`` runs the BN inside DeepLabV3's and SegFormer's inner
+Sequential models on the batch's statistics. A test that Keras itself fails on an entry
+(``Entry.keras_failures``) is expected to fail (xfail) with that reason.
+
+By default the suite runs ``keras_hub_models.DEFAULT``; ``KERASBN_KERAS_HUB=all``
+runs every entry, ``KERASBN_KERAS_HUB=ResNetBackbone,...`` the ones named.
+Marked ``keras_hub``: ``pytest -m "not keras_hub"`` skips it. Set
+``KERASBN_KERAS_HUB_JSON`` to a path to get the measured figures
+(``benchmarks/keras_hub_table.py --suite`` prints them as a table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import keras_hub_models as zoo
+import numpy as np
+import pytest
+from test_applications import BATCH_NORMS, max_abs_diff, numpy, scale
+
+import kerasbn
+
+pytest.importorskip("keras_hub")
+
+pytestmark = pytest.mark.keras_hub
+
+TOLERANCE = 1e-4
+# Figures measured in this run, by entry, for the table script.
+FIGURES: dict[str, dict] = {}
+
+
+def figure(name: str, key: str, value) -> None:
+    """Keeps a measured figure; with ``KERASBN_KERAS_HUB_JSON`` set, also
+    writes every figure so far to that file."""
+    FIGURES.setdefault(name, {})[key] = value
+    path = os.environ.get("KERASBN_KERAS_HUB_JSON")
+    if path:
+        with open(path, "w") as file:
+            json.dump({"backend": keras.backend.backend(), "figures": FIGURES}, file)
+
+
+def randomized(entry: zoo.Entry) -> keras.Model:
+    """``entry``'s model with mild random gamma, beta and moving statistics in
+    every BN at any depth, the same in every call, and its Dropout layers'
+    rate set to 0, so that training-mode calls are deterministic."""
+    model = entry.build()
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0
+    rng = np.random.default_rng(0)
+    for layer in zoo.batch_norms(model):
+        layer.set_weights(
+            [
+                rng.uniform(0.8, 1.25, w.shape).astype(w.dtype)
+                if "variance" in w.path or "gamma" in w.path
+                else rng.normal(0.0, 0.1, w.shape).astype(w.dtype)
+                for w in layer.weights
+            ]
+        )
+    return model
+
+
+def all_batch_norms(model) -> list:
+    """Every BN layer of either kind at any depth."""
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, BATCH_NORMS)
+    ]
+
+
+def weights_by_path(model) -> dict:
+    return {w.path: w for w in model.weights}
+
+
+def relative(actual, expected) -> float:
+    return max_abs_diff(actual, expected) / max(scale(expected), 1e-12)
+
+
+def expect_keras_can(entry: zoo.Entry, what: str) -> None:
+    """Marks the test xfail where Keras itself cannot do ``what`` on ``entry``."""
+    reason = entry.keras_failures.get(what)
+    if reason:
+        pytest.xfail(f"Keras itself: {reason}")
+
+
+@pytest.fixture(scope="module", params=zoo.selected(), ids=lambda e: e.name)
+def entry(request):
+    reason = request.param.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def x(entry):
+    return entry.inputs()
+
+
+@pytest.fixture(scope="module")
+def model(entry):
+    return randomized(entry)
+
+
+@pytest.fixture(scope="module")
+def converted(entry):
+    # From a model of its own: the tests hold whether the tools work in place
+    # or on a copy.
+    return kerasbn.from_keras(randomized(entry))
+
+
+def test_from_keras_swaps_every_bn_and_keeps_the_model(entry, model, converted, x):
+    total = len(zoo.batch_norms(model))
+    found = all_batch_norms(converted)
+    swapped = [b for b in found if isinstance(b, kerasbn.BatchNorm)]
+    kept = type(converted) is type(model)
+    figure(entry.name, "bn found", len(found))
+    figure(entry.name, "bn swapped", len(swapped))
+    figure(entry.name, "class kept", kept)
+    assert len(found) == len(swapped) == total > 0
+    assert kept
+    assert list(weights_by_path(converted)) == list(weights_by_path(model))
+    assert [layer.name for layer in zoo.batch_norms(model)] == [
+        layer.name for layer in swapped
+    ]
+    difference = relative(converted(x, training=False), model(x, training=False))
+    figure(entry.name, "inference", difference)
+    assert difference <= TOLERANCE
+
+
+def test_from_config_works_on_the_result(entry, converted):
+    again = type(converted).from_config(converted.get_config())
+    assert type(again) is type(converted)
+    assert len(again.weights) == len(converted.weights)
+
+
+def test_training_step_matches_keras(entry, x):
+    # Fresh models: the training call moves their statistics.
+    model, converted = randomized(entry), kerasbn.from_keras(randomized(entry))
+    difference = relative(converted(x, training=True), model(x, training=True))
+    reference = weights_by_path(model)
+    for path, weight in weights_by_path(converted).items():
+        difference = max(difference, relative(weight, reference[path]))
+    figure(entry.name, "training", difference)
+    assert difference <= TOLERANCE
+
+
+def test_fold_leaves_no_bn_and_keeps_predictions(entry, model, x):
+    expected = model(x, training=False)
+    folded = kerasbn.fold_batch_norms(randomized(entry))
+    assert not all_batch_norms(folded)
+    difference = relative(folded(x, training=False), expected)
+    figure(entry.name, "fold", difference)
+    assert difference <= TOLERANCE
+
+
+def moving_means(model) -> dict:
+    """Every BN's moving mean at any depth, by weight path."""
+    return {b.moving_mean.path: numpy(b.moving_mean)[0] for b in all_batch_norms(model)}
+
+
+def test_recalibrate_sets_every_bn_to_the_batch(entry, x):
+    expected = randomized(entry)(x, training=True)
+    model = randomized(entry)
+    before = moving_means(model)
+    result = kerasbn.recalibrate(model, x, batch_size=zoo.BATCH)
+    after = moving_means(result)
+    changed = [
+        p for p, mean in after.items() if not np.array_equal(mean, before.get(p))
+    ]
+    figure(entry.name, "recalibrated", len(changed))
+    assert list(after) == list(before)
+    assert len(changed) == len(before)
+    assert relative(result(x, training=False), expected) <= TOLERANCE
+
+
+def test_to_keras_gives_back_the_original(entry):
+    original = randomized(entry)
+    back = kerasbn.to_keras(kerasbn.from_keras(original))
+    assert type(back) is type(original)
+    assert back.get_config() == original.get_config()
+    reference = weights_by_path(original)
+    assert list(weights_by_path(back)) == list(reference)
+    for path, weight in weights_by_path(back).items():
+        np.testing.assert_array_equal(numpy(weight)[0], numpy(reference[path])[0])
+
+
+# Run in a fresh process: loads the file, applies kerasbn's documented reload
+# step, and prints the largest differences of weights and outputs.
+RELOAD = textwrap.dedent(
+    """
+    import sys
+    import keras, keras_hub, numpy as np
+    import kerasbn
+
+    folder = sys.argv[1]
+    saved = np.load(folder + "/saved.npz")
+    model = kerasbn.load_model(folder + "/model.keras")
+    kinds = {type(bn).__name__ for bn in model._flatten_layers()
+             if "Normalization" in type(bn).__name__ or type(bn).__name__ == "BatchNorm"}
+    assert kinds == {"BatchNorm"}, kinds
+    # By position: a custom layer built inside a functional construction has
+    # weight paths that depend on that context, for Keras's own BN too.
+    weights = [keras.ops.convert_to_numpy(w) for w in model.weights]
+    paths = sorted((p for p in saved.files if p.startswith("w:")),
+                   key=lambda p: int(p.split(":")[1]))
+    worst = max(float(np.max(np.abs(w - saved[p]))) for w, p in zip(weights, paths))
+    outputs = keras.tree.flatten(model(saved["x"], training=False))
+    out = max(
+        float(np.max(np.abs(keras.ops.convert_to_numpy(y) - saved[f"y{i}"])))
+        for i, y in enumerate(outputs)
+    )
+    print(type(model).__name__, len(paths) == len(weights), worst, out)
+    """
+)
+
+
+def test_keras_file_round_trip(entry, x, tmp_path, request):
+    expect_keras_can(entry, "keras_file")
+    converted = request.getfixturevalue("converted")
+    if not isinstance(x, np.ndarray):
+        pytest.skip("the reload script feeds one array")
+    converted.save(tmp_path / "model.keras")
+    outputs = numpy(converted(x, training=False))
+    np.savez(
+        tmp_path / "saved.npz",
+        x=x,
+        **{f"y{i}": y for i, y in enumerate(outputs)},
+        **{f"w:{i}": numpy(w)[0] for i, w in enumerate(converted.weights)},
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KERAS_BACKEND": keras.backend.backend()},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    name, all_paths, worst, out = done.stdout.split()[-4:]
+    exact = (
+        name == type(converted).__name__
+        and all_paths == "True"
+        and float(worst) == 0.0
+        and float(out) == 0.0
+    )
+    figure(entry.name, "kerasbn reload", exact)
+    assert exact, done.stdout
