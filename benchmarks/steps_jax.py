@@ -50,16 +50,21 @@ class FlaxBatchNorm:
         axis: the channel axis.
         momentum, epsilon: as the Keras layers (Flax uses the same momentum
             convention: the weight of the old value).
+        dtype: the output dtype (Flax's ``dtype``); None keeps the input's.
+            The statistics and the weights are float32 either way.
     """
 
-    def __init__(self, axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-3):
+    def __init__(
+        self,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        dtype=None,
+    ):
         self.axis = axis
-        self.train_module = nn.BatchNorm(
-            use_running_average=False, axis=axis, momentum=momentum, epsilon=epsilon
-        )
-        self.infer_module = nn.BatchNorm(
-            use_running_average=True, axis=axis, momentum=momentum, epsilon=epsilon
-        )
+        options = dict(axis=axis, momentum=momentum, epsilon=epsilon, dtype=dtype)
+        self.train_module = nn.BatchNorm(use_running_average=False, **options)
+        self.infer_module = nn.BatchNorm(use_running_average=True, **options)
         self.variables = None
 
     def build(self, shape: Sequence[int]) -> None:
