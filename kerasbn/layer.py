@@ -294,7 +294,7 @@ class BatchNorm(keras.layers.Layer):
     def _update_moving_statistics(self, mean, variance, mask):
         mean = ops.squeeze(mean, axis=self._reduction_axes)
         variance = ops.squeeze(variance, axis=self._reduction_axes)
-        usable = bn_ops.all_finite(mean, variance)
+        usable = backends.all_finite(mean, variance)
         if mask is not None:  # a channel that saw no value keeps its statistics
             seen = ops.any(mask, axis=self._reduction_axes)
             usable = ops.logical_and(usable, seen)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import keras
 
-BENCH_GPU = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu.py"
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_GPU = ROOT / "benchmarks" / "bench_gpu.py"
 CONTENDERS = {
     "tensorflow": ["kerasbn", "keras"],
     "jax": ["kerasbn", "keras", "flax"],
@@ -24,12 +25,14 @@ CONTENDERS = {
 
 def test_bench_gpu_smoke_prints_a_table_line_per_contender():
     backend = keras.backend.backend()
+    # The script imports this checkout's kerasbn, as the tests do.
+    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     done = subprocess.run(
         [sys.executable, str(BENCH_GPU), "--smoke", "--backends", backend],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": pythonpath},
     )
     assert done.returncode == 0, f"bench_gpu.py failed:\n{done.stdout}\n{done.stderr}"
     rows = [

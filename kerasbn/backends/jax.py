@@ -423,3 +423,42 @@ def global_moments(local: ops.Moments) -> ops.Moments:
         True
     """
     return local
+
+
+# ------------------------------------------------------ non-finite guard
+GUARD_LANES = 32  # XLA's CPU runtime splits a longer reduction in two kernels
+
+
+def all_finite(first, *others):
+    """A scalar boolean: every element of every array is finite.
+
+    What :func:`kerasbn.ops.all_finite` computes, in one XLA kernel where that
+    takes three: ``t * 0`` is 0 where ``t`` is finite and NaN elsewhere, and
+    the sum of those probes is 0 exactly when all are. XLA's CPU runtime
+    splits a reduction of more than 32 elements into a reduce-window and a
+    reduce that do not fuse with the probe, so a longer probe is summed to
+    ``GUARD_LANES`` partial sums (one reduce that fuses the probe), and those
+    are added as ``GUARD_LANES`` scalars, which XLA fuses into the kernel that
+    consumes the result. In a train step of ``(32, 100)`` the guard costs one
+    kernel (11 in all, Keras's BN 12) where it cost three (13).
+
+    Args:
+        first, *others: arrays that broadcast together.
+
+    Example:
+        >>> bool(all_finite(jnp.ones(40), jnp.zeros(40))), bool(all_finite(jnp.array([jnp.inf])))
+        (True, False)
+    """
+    probe = jnp.asarray(first)
+    for t in others:
+        probe = probe + jnp.asarray(t) * 0.0
+    probe = jnp.ravel(probe * 0.0)
+    size = probe.shape[0]
+    if size > GUARD_LANES:
+        columns = -(-size // GUARD_LANES)
+        padded = jnp.pad(probe, (0, GUARD_LANES * columns - size))
+        probe = jnp.sum(jnp.reshape(padded, (GUARD_LANES, columns)), axis=1)
+    total = probe[0]
+    for i in range(1, probe.shape[0]):
+        total = total + probe[i]
+    return total == 0.0
