@@ -17,10 +17,10 @@ call from the static shape (see :func:`formulation`):
   biased variance that the moving average takes. Where a channel's mean is
   more than ``FAR_MEAN`` spreads from zero, one more pass over the input
   removes the rounding of the kernel's float32 mean from the statistics.
-* ``"composite"``: one ``tf.custom_gradient`` of 14 large ops: forward the
-  sums of ``x``, of ``x - mean`` and of its square, the subtraction, the
-  square, a multiply and an add; backward the sums of ``dy`` and
-  ``dy * (x - mean)`` and five element-wise ops. Reductions run over contiguous axes first. Channels-last
+* ``"composite"``: one ``tf.custom_gradient`` of 13 large ops: forward the
+  subtraction of each channel's first sample (the shift), the sums of
+  ``x - shift`` and of its square, the square, a multiply and an add; backward the sums of ``dy`` and
+  ``dy * (x - shift)`` and five element-wise ops. Reductions run over contiguous axes first. Channels-last
   inputs with fewer than 64 channels are viewed as ``(rows / k, k * C)`` with
   ``k * C`` a multiple of 16, which halves the cost of broadcasting
   per-channel vectors for channel counts such as 10 or 20.
@@ -220,10 +220,13 @@ def _widening(shape: tf.TensorShape, view: _View) -> int:
 class _Layout:
     """How the composite formulation sees ``x`` and its per-channel vectors.
 
-    Unwidened, ``x`` keeps its shape and a per-channel vector has the
-    statistics' keepdims shape, so the layer's reshaped weights broadcast as
-    they are; a reduction runs over the trailing axes first, which are
-    contiguous, then over the leading ones. Widened by ``k`` (see
+    Unwidened, ``x`` keeps its shape. Where the channel axes trail, a
+    per-channel vector has the shape of the channel axes (the layer's
+    weights as they are, which broadcast against ``x``) and a reduction runs
+    over the leading axes without keeping them, so that neither the weights
+    nor their gradients are reshaped. Otherwise a vector has the statistics'
+    keepdims shape, and a reduction runs over the trailing axes first, which
+    are contiguous, then over the leading ones. Widened by ``k`` (see
     :func:`_widening`), ``x`` is a ``(rows / k, k * C)`` matrix and a vector
     is ``(C,)``, repeated ``k`` times along a row.
     """
@@ -235,6 +238,12 @@ class _Layout:
         self.k = _widening(x.shape, view)
         self.inner_axes = tuple(range(view.stop, rank))
         self.outer_axes = tuple(range(view.start))
+        if self.k > 1:
+            self.vector_shape = (view.channels,)
+        elif not self.inner_axes:  # trailing channels: no keepdims
+            self.vector_shape = tuple(self.statistics_shape[view.start :])
+        else:
+            self.vector_shape = tuple(self.statistics_shape)
         size = x.shape.num_elements()
         self.count = None if size is None else float(size // view.channels)
 
@@ -253,12 +262,16 @@ class _Layout:
 
     def vector(self, value, default: float = 1.0):
         """A broadcastable per-channel ``value`` (or ``default``) as a vector."""
+        if getattr(value, "shape", None) == self.vector_shape:
+            return tf.cast(value, tf.float32)  # e.g. the layer's weights as they are
         value = _statistics_tensor(value, self.statistics_shape, default)
-        return value if self.k == 1 else tf.reshape(value, [self.channels])
+        if self.vector_shape == tuple(self.statistics_shape):
+            return value
+        return tf.reshape(value, self.vector_shape)
 
     def statistics(self, v):
         """A vector in the statistics' keepdims shape."""
-        if self.k == 1:
+        if self.vector_shape == tuple(self.statistics_shape):
             return v
         return tf.reshape(v, self.statistics_shape)
 
@@ -276,6 +289,23 @@ class _Layout:
         """``t`` summed to a vector."""
         return self._reduce(tf.reduce_sum, t)
 
+    def first(self, xv):
+        """The first sample of each channel as a vector (0 for an empty batch).
+
+        The sum over a one-sample slice, as in :mod:`kerasbn.ops`: it keeps
+        the vector's shape and gives 0 rather than an error where the batch
+        is empty.
+        """
+        if self.k > 1:
+            return tf.reduce_sum(xv[:1, : self.channels], axis=0)
+        reduced = self.outer_axes + self.inner_axes
+        index = tuple(
+            slice(0, 1) if a in reduced else slice(None)
+            for a in range(len(self.statistics_shape))
+        )
+        keepdims = bool(self.inner_axes)
+        return tf.reduce_sum(xv[index], axis=reduced, keepdims=keepdims)
+
     def sum_of_squares(self, t):
         """The squares of ``t`` summed to a vector.
 
@@ -288,6 +318,8 @@ class _Layout:
         if self.k > 1:
             t = reduction(t, axis=0)
             return reduction(tf.reshape(t, [self.k, self.channels]), axis=0)
+        if not self.inner_axes:
+            return reduction(t, axis=self.outer_axes)
         for axes in (self.inner_axes, self.outer_axes):
             if axes:
                 t = reduction(t, axis=axes, keepdims=True)
@@ -327,12 +359,13 @@ def _fused_view(x, view: _View):
 def _composite_batch_normalize(x, view: _View, gamma, beta, epsilon: float):
     """BN of ``x`` with its own statistics as one ``tf.custom_gradient``.
 
-    Forward: the sums of ``x``, of ``x - mean`` and of its square, the
-    subtraction, the square, a multiply and an add. Backward: the sums of
-    ``dy`` and ``dy * (x - mean)`` and five element-wise ops. The mean is the float32 mean plus the mean of the
-    differences from it, which recovers its rounding: the statistics stay
-    exact where the mean is large compared with the spread, as with the
-    shifted moments of :mod:`kerasbn.ops`. Returns ``(y, mean, variance)`` in
+    Forward: the subtraction of each channel's first sample (the shift), the
+    sums of ``x - shift`` and of its square, the square, a multiply and an
+    add. Backward: the sums of ``dy`` and ``dy * (x - shift)`` and five
+    element-wise ops. As with the shifted moments of :mod:`kerasbn.ops`,
+    the statistics stay exact where the mean is large compared with the
+    spread. (Centring on the float32 mean instead took one more pass over
+    ``x``, for its sum.) Returns ``(y, mean, variance)`` in
     the layout.
     """
     layout = _Layout(x, view)
@@ -340,9 +373,9 @@ def _composite_batch_normalize(x, view: _View, gamma, beta, epsilon: float):
     @tf.custom_gradient
     def batch_norm(xv, gamma, beta):
         count = layout.samples(xv)
-        rough = layout.sum(xv) / count
-        centred = xv - layout.spread(rough)  # exact where x is close to it
-        offset = layout.sum(centred) / count  # the rounding of the rough mean
+        shift = layout.first(xv)
+        centred = xv - layout.spread(shift)  # exact where x is close to it
+        offset = layout.sum(centred) / count
         variance = layout.sum_of_squares(centred) / count - tf.square(offset)
         variance = tf.maximum(variance, 0.0)
         inv = tf.math.rsqrt(variance + epsilon)
@@ -354,14 +387,16 @@ def _composite_batch_normalize(x, view: _View, gamma, beta, epsilon: float):
             # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat))
             dbeta = layout.sum(dy)
             projection = layout.sum(dy * centred) - offset * dbeta
-            slope = scale * inv * inv * projection / count
-            shift = scale * dbeta / count - offset * slope
+            dgamma = projection * inv
+            per_sample = scale / count
+            slope = per_sample * inv * dgamma  # scale * inv**2 * projection / n
+            constant = per_sample * dbeta - offset * slope
             dx = dy * layout.spread(scale) - (
-                centred * layout.spread(slope) + layout.spread(shift)
+                centred * layout.spread(slope) + layout.spread(constant)
             )
-            return dx, projection * inv, dbeta
+            return dx, dgamma, dbeta
 
-        return (y, rough + offset, variance), grad
+        return (y, shift + offset, variance), grad
 
     y, mean, variance = batch_norm(
         layout.view(x), layout.vector(gamma, 1.0), layout.vector(beta, 0.0)
@@ -525,6 +560,24 @@ def _inference_view(x, mean) -> _View | None:
         return None
     channel_axes = backends.channels_of_statistic(getattr(mean, "shape", ()), rank)
     return None if channel_axes is None else _view(x.shape, channel_axes)
+
+
+# ------------------------------------------------------ non-finite guard
+def all_finite(first, *others):
+    """A scalar boolean: every element of every tensor is finite.
+
+    What :func:`kerasbn.ops.all_finite` computes, in one op fewer on
+    TensorFlow: ``first + t * 0`` is finite exactly where all are (adding 0
+    cannot overflow), and ``IsFinite`` and ``All`` test it.
+
+    Example:
+        >>> bool(all_finite(tf.ones(2), tf.constant([0.0, float("inf")])))
+        False
+    """
+    probe = first
+    for t in others:
+        probe = probe + t * 0.0
+    return tf.reduce_all(tf.math.is_finite(probe))
 
 
 # ------------------------------------------------ synchronized statistics
