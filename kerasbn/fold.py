@@ -116,6 +116,9 @@ class Absorbed(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
+    def get_config(self):
+        return super().get_config()  # the base layer's config (dtype policy too)
+
 
 def _inference_affine(bn) -> tuple[np.ndarray, np.ndarray]:
     """The float64 ``(scale, offset)`` of ``bn`` in inference, statistics-shaped.
@@ -228,13 +231,13 @@ def fold_batch_norms(model: keras.Model, *, in_place: bool = False) -> keras.Mod
     Example:
         >>> import keras, numpy as np, kerasbn
         >>> model = keras.Sequential([keras.Input((8, 8, 3)),
-        ...     keras.layers.Conv2D(4, 3, use_bias=False), kerasbn.BatchNorm(),
-        ...     keras.layers.ReLU()])
+        ...     keras.layers.Conv2D(4, 3, use_bias=False), kerasbn.BatchNorm(name="bn"),
+        ...     keras.layers.ReLU()], name="net")
         >>> folded = kerasbn.fold_batch_norms(model)
         >>> [type(layer).__name__ for layer in folded.layers]
         ['Conv2D', 'ReLU']
         >>> kerasbn.fold_batch_norms.last_report
-        {'absorbed': ['sequential/batch_norm'], 'affine': []}
+        {'absorbed': ['net/bn'], 'affine': []}
         >>> x = np.random.default_rng(0).normal(size=(2, 8, 8, 3))
         >>> bool(np.allclose(folded.predict(x, verbose=0),
         ...                  model.predict(x, verbose=0), atol=1e-5))
