@@ -36,6 +36,7 @@ Run:
     python benchmarks/bench_layer.py --rounds 21 --memory --json results/layer.json
     python benchmarks/bench_layer.py --backend torch --shapes 32,24,24,10 32,100
     python benchmarks/bench_layer.py --backend torch --harness eager
+    python benchmarks/bench_layer.py --backend jax --kernels
 """
 
 from __future__ import annotations
@@ -207,6 +208,18 @@ def table(results: list[dict], memory: dict | None) -> str:
     return text
 
 
+def print_kernels(shapes) -> None:
+    """The XLA kernels of the Keras layers' compiled train steps, per shape."""
+    rows = []
+    for shape, axis in shapes:
+        counts = [
+            steps.train_kernels(build(name, shape, axis), shape)
+            for name in ("kerasbn", "keras")
+        ]
+        rows.append([f"{tuple(shape)} ({axis})", *counts])
+    print(markdown_table(["shape (axis)", "kerasbn kernels", "Keras 3 kernels"], rows))
+
+
 def rss_child(name: str, shape_text: str, axis_text: str) -> None:
     """Child process: the memory of three train steps, printed as JSON."""
     shape, axis = tuple(int(v) for v in shape_text.split(",")), int(axis_text)
@@ -241,11 +254,21 @@ def main(argv=None) -> None:
         help="train step: the backend's compiled step (default), or on PyTorch "
         "an eager layer(x, training=True) and backward() of (y * dy).sum()",
     )
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="JAX: print the XLA kernels of each train step, then stop",
+    )
     add_backend_flag(parser)
     add_output_flags(parser, "peak RSS per step")
     args = parser.parse_args(argv)
     if args.rss_child:
         rss_child(*args.rss_child)
+        return
+    if args.kernels:
+        if not hasattr(steps, "train_kernels"):
+            parser.error(f"--kernels counts XLA kernels (JAX); got --backend {BACKEND}")
+        print_kernels(parse_shapes(args.shapes))
         return
     if args.harness == "eager" and not hasattr(steps, "eager_train_step"):
         parser.error(
