@@ -136,7 +136,10 @@ def applies(x, axes: Sequence[int], mask=None) -> bool:
 
 
 def formulation(
-    shape: Sequence[int | None], axes: Sequence[int], epsilon: float
+    shape: Sequence[int | None],
+    axes: Sequence[int],
+    epsilon: float,
+    device: str = "CPU",
 ) -> str:
     """``"fused"`` or ``"composite"``: how a training call of this shape is computed.
 
@@ -146,32 +149,55 @@ def formulation(
         axes: the reduction axes; the call must be one that :func:`applies`
             accepts.
         epsilon: the layer's epsilon.
+        device: the device type the call runs on (``"CPU"``, ``"GPU"``...).
 
     Returns:
-        ``"fused"`` for channels-last inputs large enough for their channel
-        count (``FUSED_THRESHOLDS``) and an epsilon that cuDNN accepts,
-        ``"composite"`` otherwise.
+        ``"fused"`` for channels-last inputs and an epsilon that cuDNN
+        accepts: on the CPU only where they are large enough for their
+        channel count (``FUSED_THRESHOLDS``, measured on a CPU), on any other
+        device always (the fused kernel is what tf.keras runs on GPUs, and
+        nothing else was measured there). ``"composite"`` otherwise.
 
     Example:
         >>> formulation((32, 56, 56, 64), [0, 1, 2], 1e-3)
         'fused'
         >>> formulation((32, 24, 24, 10), [0, 1, 2], 1e-3)
         'composite'
+        >>> formulation((32, 24, 24, 10), [0, 1, 2], 1e-3, device="GPU")
+        'fused'
     """
     shape = tf.TensorShape(shape)
-    return _formulation(shape, _view_of_reduction(shape, axes), epsilon)
+    return _formulation(shape, _view_of_reduction(shape, axes), epsilon, device)
 
 
-def _formulation(shape: tf.TensorShape, view: _View, epsilon: float) -> str:
+def _formulation(
+    shape: tf.TensorShape, view: _View, epsilon: float, device: str = "CPU"
+) -> str:
     fused = (
         view.stop == shape.rank
         and epsilon >= FUSED_MIN_EPSILON
-        and any(
-            view.channels % multiple == 0 and _size(shape) >= smallest
-            for multiple, smallest in FUSED_THRESHOLDS
+        and (
+            device != "CPU"
+            or any(
+                view.channels % multiple == 0 and _size(shape) >= smallest
+                for multiple, smallest in FUSED_THRESHOLDS
+            )
         )
     )
     return "fused" if fused else "composite"
+
+
+def _device_type(x) -> str:
+    """The type of device that ``x``'s ops run on, known when tracing.
+
+    An eager tensor names its device. A symbolic one (``tf.function``)
+    usually names none; TensorFlow then places ops on a GPU where one is
+    visible, so that is the answer.
+    """
+    name = getattr(x, "device", "") or ""
+    if name:
+        return tf.DeviceSpec.from_string(name).device_type or "CPU"
+    return "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
 
 
 # ------------------------------------------------------------------- layouts
@@ -195,17 +221,19 @@ def _statistics_shape(x, view: _View) -> list[int]:
     return [x.shape[a] if view.start <= a < view.stop else 1 for a in range(rank)]
 
 
-def _widening(shape: tf.TensorShape, view: _View) -> int:
+def _widening(shape: tf.TensorShape, view: _View, device: str = "CPU") -> int:
     """The factor ``k`` that views channels-last ``(rows, C)`` as ``(rows / k, k * C)``.
 
     For fewer than ``4 * VECTOR_WIDTH`` channels in a tensor of at least
     ``WIDEN_MIN_ELEMENTS``, ``k * C`` becomes a multiple of ``VECTOR_WIDTH``
     (with ``k`` dividing the rows), so that element-wise ops broadcast
-    per-channel vectors over whole SIMD vectors. Otherwise 1: no widening.
+    per-channel vectors over whole SIMD vectors. Otherwise 1: no widening,
+    and on any device but the CPU, whose vector width this is.
     """
     channels = view.channels
     if (
-        view.stop != shape.rank
+        device != "CPU"
+        or view.stop != shape.rank
         or channels >= 4 * VECTOR_WIDTH
         or _size(shape) < WIDEN_MIN_ELEMENTS
     ):
@@ -235,7 +263,7 @@ class _Layout:
         rank = x.shape.rank
         self.channels = view.channels
         self.statistics_shape = _statistics_shape(x, view)
-        self.k = _widening(x.shape, view)
+        self.k = _widening(x.shape, view, _device_type(x))
         self.inner_axes = tuple(range(view.stop, rank))
         self.outer_axes = tuple(range(view.start))
         if self.k > 1:
@@ -491,7 +519,7 @@ def batch_normalize(x, axes: Sequence[int], gamma, beta, epsilon: float, mask=No
             f"{'given' if mask is not None else 'None'}); use kerasbn.ops."
         )
     view = _view_of_reduction(x.shape, axes)
-    if _formulation(x.shape, view, epsilon) == "fused":
+    if _formulation(x.shape, view, epsilon, _device_type(x)) == "fused":
         y, mean, variance = _fused_batch_normalize(x, view, gamma, beta, epsilon)
     else:
         y, mean, variance = _composite_batch_normalize(x, view, gamma, beta, epsilon)
@@ -525,7 +553,8 @@ def normalize(x, mean, variance, gamma, beta, epsilon: float):
                [ 1.]], dtype=float32)>
     """
     view = _inference_view(x, mean)
-    if view is not None and _formulation(x.shape, view, epsilon) == "fused":
+    device = _device_type(x)
+    if view is not None and _formulation(x.shape, view, epsilon, device) == "fused":
         y, *_ = tf.raw_ops.FusedBatchNormV3(
             x=_fused_view(x, view),
             scale=_channel_vector(gamma, view, x, 1.0),
