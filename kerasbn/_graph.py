@@ -24,6 +24,9 @@ output only a given BN consumes.
 from __future__ import annotations
 
 import copy
+import sys
+import threading
+import types
 from collections.abc import Callable, Iterator
 
 import keras
@@ -32,7 +35,7 @@ import keras
 # models, the base class of what Keras pickles, and the tracked containers.
 from keras.src.ops import function as keras_function
 from keras.src.saving import keras_saveable
-from keras.src.utils import tracking
+from keras.src.utils import backend_utils, tracking
 
 from kerasbn.layer import BatchNorm
 
@@ -145,8 +148,12 @@ def copy_model(model: keras.Model, function: str) -> keras.Model:
     }
     for cls, copier in copiers.items():
         cls.__deepcopy__ = copier
+    # Shared, not copied: modules, and Keras's backend selector (stateless,
+    # and its __getattr__ recurses on an object made without __init__).
+    for kind in _SHARED:
+        copy._deepcopy_dispatch[kind] = _shared
     try:
-        duplicate = copy.deepcopy(model)
+        duplicate = _deep_stack_call(copy.deepcopy, model)
     except Exception as error:
         raise ValueError(
             f"`{function}` works on a copy of the model, and copying "
@@ -156,6 +163,8 @@ def copy_model(model: keras.Model, function: str) -> keras.Model:
     finally:
         for cls in copiers:
             del cls.__deepcopy__
+        for kind in _SHARED:
+            del copy._deepcopy_dispatch[kind]
     for graph in _graphs(duplicate):  # their node keys hold the objects' ids
         nodes = keras_function.map_graph(graph._inputs, graph._outputs)[0]
         object.__setattr__(graph, "_nodes", nodes)
@@ -185,6 +194,43 @@ def _new_like(original, memo: dict, skip: tuple = ()):
             value = copy.deepcopy(value, memo)
         object.__setattr__(duplicate, key, value)
     return duplicate
+
+
+_SHARED = (types.ModuleType, backend_utils.DynamicBackend)
+
+
+def _deep_stack_call(function, *args):
+    """``function(*args)`` in a thread with a large stack and recursion limit.
+
+    A deep copy follows a graph edge by edge (node, tensor, layer, node...),
+    so a deep model (BASNet's hundreds of layers) recurses far deeper than
+    Python's default limit and the main thread's C stack allow.
+    """
+    result, failure = [], []
+
+    def run():
+        try:
+            result.append(function(*args))
+        except BaseException as error:  # re-raised in the calling thread
+            failure.append(error)
+
+    depth, size = sys.getrecursionlimit(), threading.stack_size()
+    sys.setrecursionlimit(max(depth, 200_000))
+    threading.stack_size(1 << 30)
+    try:
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+    finally:
+        threading.stack_size(size)
+        sys.setrecursionlimit(depth)
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def _shared(value, memo: dict):
+    return value
 
 
 def _copy_layer(layer, memo: dict):

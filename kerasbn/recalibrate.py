@@ -34,6 +34,7 @@ that keeps the moments of its inputs and calls the layer with
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterator
 
 import keras
@@ -86,6 +87,10 @@ def recalibrate(
             batch, or a BN layer saw no (unmasked) value (the message names
             its path).
 
+    Warns:
+        UserWarning: naming the BN layers that the model's call never reached
+            (off its output path); they keep their statistics.
+
     Example:
         >>> import numpy as np, keras, kerasbn
         >>> model = keras.Sequential([keras.Input((3,)), kerasbn.BatchNorm()])
@@ -117,8 +122,16 @@ def recalibrate(
                     pooled[i] = batch if pooled[i] is None else _merge(pooled[i], batch)
         if not any(recorder.batches for recorder in recorders):
             raise ValueError("`data` gave no batch; recalibrate needs at least one.")
+        uncalled = [path for (path, _), r in zip(found, recorders) if not r.batches]
+        if uncalled:
+            warnings.warn(
+                f"recalibrate left the BN layers {uncalled} as they were: the "
+                "model's call never reached them (they are off its output path).",
+                stacklevel=2,
+            )
         statistics = [
-            _population(path, moments) for (path, _), moments in zip(found, pooled)
+            None if not recorder.batches else _population(path, moments)
+            for (path, _), recorder, moments in zip(found, recorders, pooled)
         ]
     finally:
         for recorder in recorders:
@@ -127,8 +140,9 @@ def recalibrate(
             if weights:
                 layer.set_weights(weights)
             _restore_trainable_flags(layer, flags)
-    for layer, (mean, variance) in zip(layers, statistics):
-        _set_moving_statistics(layer, mean, variance)
+    for layer, population in zip(layers, statistics):
+        if population is not None:
+            _set_moving_statistics(layer, *population)
     _graph.forget_compiled_functions(model)
     return model
 

