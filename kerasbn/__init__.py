@@ -2,8 +2,11 @@
 
 from kerasbn.convert import from_keras, load_model, to_keras
 from kerasbn.fold import fold_batch_norms
+from kerasbn.freeze import freeze_batch_norms
 from kerasbn.layer import BatchNorm
+from kerasbn.legacy import load_legacy_model
 from kerasbn.recalibrate import recalibrate
+from kerasbn.torch_interop import from_torch, to_torch
 
 BatchNormalization = BatchNorm
 
@@ -11,9 +14,13 @@ __all__ = [
     "BatchNorm",
     "BatchNormalization",
     "fold_batch_norms",
+    "freeze_batch_norms",
     "from_keras",
+    "from_torch",
+    "load_legacy_model",
     "load_model",
     "recalibrate",
     "to_keras",
+    "to_torch",
 ]
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+STATISTICS_MODES = ("auto", "moving", "batch")
 
 
 def _is_int(value) -> bool:
@@ -78,6 +79,16 @@ def channel_axes(axis_value, input_shape: Sequence) -> list[int]:
             "must be fully-defined: BatchNorm needs that size at build time."
         )
     return result
+
+
+def statistics(value) -> str:
+    """``value`` as one of :data:`STATISTICS_MODES`."""
+    if not isinstance(value, str) or value not in STATISTICS_MODES:
+        raise ValueError(
+            f"`statistics` must be one of {list(STATISTICS_MODES)}; got "
+            f"statistics={value!r}."
+        )
+    return value
 
 
 def virtual_batch_size(value, synchronized: bool) -> int | None:

@@ -152,7 +152,19 @@ def copy_model(model: keras.Model, function: str) -> keras.Model:
     # and its __getattr__ recurses on an object made without __init__).
     for kind in _SHARED:
         copy._deepcopy_dispatch[kind] = _shared
+    # Compiled functions are not copied. They are set aside on the original
+    # for the copy (as Keras does to save a TensorFlow SavedModel): on
+    # TensorFlow the model's checkpoint dependencies also name them.
+    compiled = [
+        (m, name, getattr(m, name))
+        for m in models(model)
+        for name in _COMPILED
+        if getattr(m, name, None) is not None
+    ]
+    records = [_set_aside_dependencies(m) for m in models(model)]
     try:
+        for m, name, _ in compiled:
+            setattr(m, name, None)
         duplicate = _deep_stack_call(copy.deepcopy, model)
     except Exception as error:
         raise ValueError(
@@ -165,6 +177,10 @@ def copy_model(model: keras.Model, function: str) -> keras.Model:
             del cls.__deepcopy__
         for kind in _SHARED:
             del copy._deepcopy_dispatch[kind]
+        for m, name, function in compiled:
+            setattr(m, name, function)
+        for restore in records:
+            restore()
     for graph in _graphs(duplicate):  # their node keys hold the objects' ids
         nodes = keras_function.map_graph(graph._inputs, graph._outputs)[0]
         object.__setattr__(graph, "_nodes", nodes)
@@ -175,7 +191,8 @@ def copy_model(model: keras.Model, function: str) -> keras.Model:
 
 
 # Attributes of a layer that are not copied: the wrappers that Keras makes
-# for each new layer object (the copy has its own), and compiled functions.
+# for each new layer object (the copy has its own). Compiled functions are
+# set aside while a model is copied.
 _NOT_COPIED = ("build", "quantize")
 _COMPILED = ("train_function", "test_function", "predict_function")
 
@@ -188,15 +205,35 @@ def _new_like(original, memo: dict, skip: tuple = ()):
     for key, value in vars(original).items():
         if key in skip:
             continue
-        if key in _COMPILED:
-            value = None
-        elif "strategy" not in key:  # a distribution strategy is shared
+        if "strategy" not in key:  # a distribution strategy is shared
             value = copy.deepcopy(value, memo)
         object.__setattr__(duplicate, key, value)
     return duplicate
 
 
 _SHARED = (types.ModuleType, backend_utils.DynamicBackend)
+
+
+def _set_aside_dependencies(model) -> Callable[[], None]:
+    """Takes the compiled functions out of a TensorFlow model's checkpoint
+    dependency records (a tf.function cannot be copied); returns the call
+    that puts them back."""
+    names = getattr(model, "_self_unconditional_dependency_names", None)
+    references = getattr(model, "_self_unconditional_checkpoint_dependencies", None)
+    if names is None or references is None:
+        return lambda: None
+    taken = {name: dict.pop(names, name) for name in _COMPILED if name in names}
+    kept = [ref for ref in references if ref.name not in _COMPILED]
+    everything = list(references)
+    list.clear(references)
+    list.extend(references, kept)
+
+    def restore():
+        dict.update(names, taken)
+        list.clear(references)
+        list.extend(references, everything)
+
+    return restore
 
 
 def _deep_stack_call(function, *args):

@@ -287,3 +287,13 @@ def _check_foldable(found, graphs) -> None:
             "and so use batch statistics even in predict(); folding would change "
             "their outputs. Call them without training=True to fold them."
         )
+    batch_mode = [
+        path for path, bn in found if getattr(bn, "statistics", "auto") == "batch"
+    ]
+    if batch_mode:
+        raise ValueError(
+            "fold_batch_norms folds the moving statistics, but the BN layers "
+            f"{batch_mode} have statistics='batch' and normalize with batch "
+            "statistics in predict() too; folding would change their outputs. Set "
+            "their statistics to 'auto' or 'moving' to fold them."
+        )

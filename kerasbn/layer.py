@@ -54,6 +54,21 @@ class BatchNorm(keras.layers.Layer):
             towards the groups' average mean and variance (as tf.keras does).
             As in tf.keras, group ``g`` holds samples ``g, g + B/v, g + 2B/v,
             ...``. Inference ignores it. None (the default) disables it.
+        statistics: which statistics normalize. ``"auto"`` (the default) is
+            Keras's rule above. ``"moving"`` always uses the moving statistics
+            and never updates them (a frozen BN; gamma and beta still train
+            unless ``trainable=False``). ``"batch"`` always uses the batch's
+            own statistics, in inference too (as PyTorch's
+            ``track_running_stats=False``, or test-time adaptation); the
+            moving ones are updated only in training.
+        unbiased_moving_variance: whether the moving variance moves towards
+            the batch variance times ``n / (n - 1)``, as PyTorch and
+            tf.keras's fused kernel do, instead of the biased batch variance
+            (Keras 3, the default). ``n`` is the number of values per channel:
+            unmasked ones with a mask, those of one group with ghost batches,
+            those of the global batch with ``synchronized=True``. A channel
+            with fewer than two unmasked values keeps its moving statistics.
+            Normalization always uses the biased batch variance.
         **kwargs: base layer arguments (``name``, ``dtype``, ``trainable``...).
 
     Call arguments:
@@ -99,6 +114,8 @@ class BatchNorm(keras.layers.Layer):
         renorm_momentum=0.99,
         synchronized=False,
         virtual_batch_size=None,
+        statistics="auto",
+        unbiased_moving_variance=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -131,6 +148,8 @@ class BatchNorm(keras.layers.Layer):
         self.virtual_batch_size = _checks.virtual_batch_size(
             virtual_batch_size, self.synchronized
         )
+        self.statistics = _checks.statistics(statistics)
+        self.unbiased_moving_variance = bool(unbiased_moving_variance)
         self.supports_masking = True
         self.gamma = self.beta = None
         self.moving_mean = self.moving_variance = None
@@ -218,11 +237,17 @@ class BatchNorm(keras.layers.Layer):
             outputs, mean, variance = self._normalize_with_batch_statistics(
                 inputs, mask
             )
-            self._update_moving_statistics(mean, variance, mask)
+            if self._updates_moving_statistics(training):
+                self._update_moving_statistics(mean, variance, mask)
         return ops.cast(outputs, self.compute_dtype)
 
     def _uses_batch_statistics(self, training) -> bool:
-        return bool(training) and self.trainable
+        if self.statistics == "auto":
+            return self._updates_moving_statistics(training)
+        return self.statistics == "batch"
+
+    def _updates_moving_statistics(self, training) -> bool:
+        return bool(training) and self.trainable and self.statistics != "moving"
 
     def _normalize_with_moving_statistics(self, x):
         impl = backends.implementation(x, self._reduction_axes)
@@ -256,13 +281,17 @@ class BatchNorm(keras.layers.Layer):
         """Normalizes ``x`` with its own statistics over ``axes``.
 
         Returns the outputs and the statistics that drive the moving averages:
-        those of the batch, or their average over ``group_axis`` (ghost batches).
+        those of the batch, or their average over ``group_axis`` (ghost
+        batches), the variance unbiased with ``unbiased_moving_variance``.
         """
         gamma, beta = self._broadcast(self.gamma), self._broadcast(self.beta)
         if not (self.renorm or self.synchronized):
             impl = backends.implementation(x, axes, mask)
             outputs, mean, variance = impl.batch_normalize(
                 x, axes, gamma, beta, self.epsilon, mask
+            )
+            variance = self._moving_target(
+                variance, lambda: bn_ops.sample_count(x, axes, mask)
             )
             return outputs, *_average_groups(group_axis, mean, variance)
         local = bn_ops.sufficient_moments(x, axes, mask)
@@ -274,7 +303,17 @@ class BatchNorm(keras.layers.Layer):
         outputs = bn_ops.normalize(
             x, local.mean, local.variance, gamma, beta, self.epsilon
         )
+        if self.unbiased_moving_variance:
+            variance = self._moving_target(local.variance, lambda: local.count)
+            pooled = _average_groups(group_axis, local.mean, variance)
         return outputs, *pooled
+
+    def _moving_target(self, variance, count):
+        """The batch variance that the moving one moves towards: unbiased by
+        the number of values per channel, ``count()``, if so configured."""
+        if not self.unbiased_moving_variance:
+            return variance
+        return bn_ops.unbiased_variance(variance, count())
 
     def _renorm_affine(self, mean, variance, gamma, beta):
         """Folds the renorm correction into gamma and beta: (x̂·r + d)·γ + β."""
@@ -292,12 +331,13 @@ class BatchNorm(keras.layers.Layer):
 
     # --------------------------------------------------------- moving updates
     def _update_moving_statistics(self, mean, variance, mask):
-        mean = ops.squeeze(mean, axis=self._reduction_axes)
-        variance = ops.squeeze(variance, axis=self._reduction_axes)
+        mean = ops.squeeze(mean, axis=tuple(self._reduction_axes))
+        variance = ops.squeeze(variance, axis=tuple(self._reduction_axes))
         usable = backends.all_finite(mean, variance)
-        if mask is not None:  # a channel that saw no value keeps its statistics
-            seen = ops.any(mask, axis=self._reduction_axes)
-            usable = ops.logical_and(usable, seen)
+        if mask is not None:  # a channel that saw too few values keeps them
+            seen = ops.sum(ops.cast(mask, "float32"), axis=self._reduction_axes)
+            needed = 2.0 if self.unbiased_moving_variance else 1.0
+            usable = ops.logical_and(usable, seen >= needed)
         for variable, value in self._moving_updates(mean, variance):
             current = variable.value
             variable.assign(ops.where(usable, ops.cast(value, variable.dtype), current))
@@ -368,5 +408,7 @@ class BatchNorm(keras.layers.Layer):
             "renorm_clipping": self.renorm_clipping,
             "renorm_momentum": self.renorm_momentum,
             "virtual_batch_size": self.virtual_batch_size,
+            "statistics": self.statistics,
+            "unbiased_moving_variance": self.unbiased_moving_variance,
         }
         return {**super().get_config(), **config}

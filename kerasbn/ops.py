@@ -13,6 +13,7 @@ formula (:func:`combine_moments`); ``E[x**2] - E[x]**2`` is never formed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -80,6 +81,50 @@ def _sample_count(x, axes: Sequence[int]):
     for a in axes:
         count = count * shape[a]
     return ops.cast(count, x.dtype)
+
+
+def sample_count(x, axes: Sequence[int], mask=None):
+    """The number of values per channel over ``axes``: the ``n`` of a variance.
+
+    Without a mask it is a Python float where ``x``'s reduced sizes are static,
+    else a float32 scalar tensor from the dynamic shape; with a mask, the count
+    of True positions per channel (float32, reduced axes kept).
+
+    Example:
+        >>> sample_count(keras.ops.ones((4, 3, 2)), [0, 1])
+        12.0
+    """
+    if mask is None:
+        sizes = [x.shape[a] for a in axes]
+        if all(s is not None for s in sizes):
+            return float(math.prod(sizes))
+        shape = ops.shape(x)
+        return ops.cast(math.prod(shape[a] for a in axes), "float32")
+    mask = ops.broadcast_to(ops.cast(mask, "float32"), ops.shape(x))
+    return ops.sum(mask, axis=tuple(axes), keepdims=True)
+
+
+def unbiased_variance(variance, count):
+    """``variance * n / (n - 1)`` (Bessel's correction) for ``n = count``.
+
+    A group of at most one value has no unbiased variance; it gets 0, the
+    biased variance of one value, rather than a NaN.
+
+    Args:
+        variance: the biased variance.
+        count: ``n``, a Python number or a tensor that broadcasts to it.
+
+    Returns:
+        The unbiased variance, in ``variance``'s dtype.
+
+    Example:
+        >>> float(unbiased_variance(keras.ops.array(3.0), 4.0))  # n = 4: times 4 / 3
+        4.0
+    """
+    if isinstance(count, (int, float)):
+        return variance * (count / (count - 1.0) if count > 1 else 0.0)
+    count = ops.cast(count, variance.dtype)
+    return variance * divide_no_nan(count, ops.maximum(count - 1.0, 0.0))
 
 
 def sufficient_moments(x, axes: Sequence[int], mask=None) -> Moments:

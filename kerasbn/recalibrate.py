@@ -53,7 +53,9 @@ def recalibrate(
     One pass over ``data``: every BN layer normalizes with batch statistics
     (as in training), every other layer runs as at inference (Dropout off).
     Afterwards each BN layer's ``moving_mean`` and ``moving_variance`` are
-    the exact mean and biased variance of all the inputs it saw. No other
+    the exact mean and biased variance of all the inputs it saw (the
+    unbiased one, over the whole pass, for a layer with
+    ``unbiased_moving_variance=True``). No other
     weight changes (a renorm ``kerasbn.BatchNorm`` also gets the matching
     ``moving_stddev = sqrt(variance + epsilon)``), and the ``trainable``
     flags are restored, so frozen BN layers are recalibrated too.
@@ -130,8 +132,8 @@ def recalibrate(
                 stacklevel=2,
             )
         statistics = [
-            None if not recorder.batches else _population(path, moments)
-            for (path, _), recorder, moments in zip(found, recorders, pooled)
+            None if not recorder.batches else _population(path, layer, moments)
+            for (path, layer), recorder, moments in zip(found, recorders, pooled)
         ]
     finally:
         for recorder in recorders:
@@ -207,14 +209,18 @@ def _merge(a: bn_ops.Moments, b: bn_ops.Moments) -> bn_ops.Moments:
     )
 
 
-def _population(path: str, moments) -> tuple[np.ndarray, np.ndarray]:
-    """The pooled ``(mean, biased variance)`` of one BN layer's inputs."""
-    if moments is None or np.any(moments.count == 0):
+def _population(path: str, layer, moments) -> tuple[np.ndarray, np.ndarray]:
+    """The pooled ``(mean, variance)`` of one BN layer's inputs: the biased
+    variance, or the unbiased one (``m2 / (n - 1)``) for a layer with
+    ``unbiased_moving_variance=True``."""
+    unbiased = bool(getattr(layer, "unbiased_moving_variance", False))
+    if moments is None or np.any(moments.count <= int(unbiased)):
+        seen = "fewer than two unmasked values" if unbiased else "no unmasked value"
         raise ValueError(
-            f"BN layer {path!r} saw no unmasked value during the recalibration "
+            f"BN layer {path!r} saw {seen} in a channel during the recalibration "
             "pass, so it has no population statistics."
         )
-    return moments.shift + moments.offset, moments.m2 / moments.count
+    return moments.shift + moments.offset, moments.m2 / (moments.count - unbiased)
 
 
 def _batches(data, steps: int | None, batch_size: int) -> Iterator:

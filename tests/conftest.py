@@ -112,6 +112,41 @@ def assert_matches_keras_peer(rng, shape, kwargs, record_as, train=None, infer=N
     np.testing.assert_allclose(infer(ours, x), infer(peer, x), **tol)
 
 
+CONSTANT_CHANNEL_CASES = [  # (shape, axis): the lecture CNN's and common BN inputs
+    ((32, 56, 56, 8), -1),
+    ((32, 24, 24, 10), -1),
+    ((32, 8, 8, 64), -1),
+    ((32, 100), -1),
+    ((8, 10, 6, 6), 1),
+]
+CONSTANT_VALUES = (9984.0, 1e6 + 0.5)
+
+
+def assert_constant_channel_normalizes_to_zero(rng, shape, axis, value, dtype, name):
+    """A training call whose channel 0 holds ``value`` everywhere gives 0 there.
+
+    The closed form: the channel's mean is ``value`` and its variance 0, so
+    ``(x - mean) / sqrt(0 + epsilon)`` is exactly 0 (epsilon 1e-5, where
+    ``1 / sqrt(epsilon)`` amplifies any rounding of the mean 316 times). The
+    other channels hold normal noise; the largest ``|y|`` of channel 0 is
+    recorded under ``name``.
+    """
+    import kerasbn
+
+    x = rng.normal(size=shape).astype("float32")
+    index = [slice(None)] * len(shape)
+    index[axis] = 0
+    x[tuple(index)] = value
+    layer = kerasbn.BatchNorm(axis=axis, epsilon=1e-5, momentum=0.0)
+    y = to_numpy(layer(keras.ops.cast(x, dtype), training=True)).astype(np.float64)
+    expected = np.zeros_like(y[tuple(index)])
+    record(name, y[tuple(index)], expected)
+    np.testing.assert_allclose(y[tuple(index)], expected, rtol=0, atol=1e-6)
+    stored = float(to_numpy(keras.ops.cast(keras.ops.cast(value, dtype), "float32")))
+    assert float(to_numpy(layer.moving_mean)[0]) == stored
+    assert float(to_numpy(layer.moving_variance)[0]) == 0.0
+
+
 def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"kerasbn: Keras backend {BACKEND}")
     if PARITY_LOG:

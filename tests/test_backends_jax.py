@@ -31,6 +31,9 @@ if keras.backend.backend() != "jax":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from conftest import (  # noqa: E402
+    CONSTANT_CHANNEL_CASES,
+    CONSTANT_VALUES,
+    assert_constant_channel_normalizes_to_zero,
     assert_matches_keras_peer,
     np_batch_norm,
     np_batch_norm_gradients,
@@ -384,6 +387,19 @@ def test_statistics_stay_exact_when_the_mean_dwarfs_the_spread(
     np.testing.assert_allclose(grads[1], dgamma.ravel(), rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(grads[2], dbeta.ravel(), rtol=1e-5, atol=1e-4)
     record(f"JAX dx, mean 1e4 spread 1e-2 ({path})", grads[0], dx)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("value", CONSTANT_VALUES)
+@pytest.mark.parametrize("shape, axis", CONSTANT_CHANNEL_CASES)
+@pytest.mark.parametrize("path", PATHS)
+def test_a_constant_channel_normalizes_to_zero_at_any_magnitude(
+    rng, force_path, path, shape, axis, value, dtype
+):
+    force_path(path)
+    assert_constant_channel_normalizes_to_zero(
+        rng, shape, axis, value, dtype, f"JAX constant channel |y| ({path})"
+    )
 
 
 @pytest.mark.parametrize("spreads", [0.5, 0.9, 1.1, 3.0])

@@ -21,6 +21,9 @@ if keras.backend.backend() != "torch":
 
 import torch  # noqa: E402
 from conftest import (  # noqa: E402
+    CONSTANT_CHANNEL_CASES,
+    CONSTANT_VALUES,
+    assert_constant_channel_normalizes_to_zero,
     assert_matches_keras_peer,
     np_batch_norm,
     np_moments,
@@ -341,6 +344,23 @@ def test_statistics_stay_exact_when_the_mean_dwarfs_the_spread(
         f"torch variance, mean 1e4 spread 1e-2 ({path})",
         layer.moving_variance,
         var.ravel(),
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("value", CONSTANT_VALUES)
+@pytest.mark.parametrize("shape, axis", CONSTANT_CHANNEL_CASES)
+@pytest.mark.parametrize("path", PATHS)
+def test_a_constant_channel_normalizes_to_zero_at_any_magnitude(
+    rng, force_path, path, shape, axis, value, dtype
+):
+    # The kernel's float32 mean of a constant 9984 is off by an ulp, which
+    # 1 / sqrt(1e-5) made |y| = 0.117; the shifted input gives 0 exactly.
+    if not _path_fits(path, shape, [axis % len(shape)]):
+        pytest.skip(f"{path} does not view this input")
+    force_path(path)
+    assert_constant_channel_normalizes_to_zero(
+        rng, shape, axis, value, dtype, f"torch constant channel |y| ({path})"
     )
 
 

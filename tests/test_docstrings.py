@@ -18,6 +18,9 @@ MODULES = [
     "kerasbn.fold",
     "kerasbn.recalibrate",
     "kerasbn.convert",
+    "kerasbn.torch_interop",
+    "kerasbn.legacy",
+    "kerasbn.freeze",
 ]
 
 

@@ -218,3 +218,31 @@ def test_bn_paper_mnist_writes_three_panel_data(tmp_path, offline_mnist):
         p15, p50, p85 = (np.array(run[p]) for p in ("15", "50", "85"))
         assert np.all(p15 <= p50) and np.all(p50 <= p85)
     assert result["config"]["n_test"] == 10_000
+
+
+def test_port_torch_resnet18_matches_torch_in_eval_and_one_training_step(
+    tmp_path, monkeypatch
+):
+    pytest.importorskip("torch")
+    monkeypatch.setenv("JAX_ENABLE_X64", "1")  # float64 on JAX too
+    out = run_example(
+        "port_torch_resnet18.py",
+        *("--size", "32", "--batch-size", "4", "--dtype", "float64"),
+        cwd=tmp_path,
+    )
+    figures = dict(re.findall(r"^(.+): ([-+.\de]+)$", out, re.MULTILINE))
+    figures = {label: float(value) for label, value in figures.items()}
+    assert "20 BatchNorm2d" in out
+    # torch's own float64 ResNet-18 is the reference: equal up to float64 rounding.
+    for label in (
+        "eval logits before the step",
+        "training loss of the step",
+        "eval logits after the step",
+    ):
+        assert figures[label] < 1e-6, (label, out)
+    for label in (
+        "running mean after the step (relative)",
+        "running variance after the step (relative)",
+        "weights after the step (relative)",
+    ):
+        assert figures[label] < 1e-6, (label, out)

@@ -369,3 +369,34 @@ def test_bn_called_with_the_inputs_keyword_is_folded_into_its_producer(rng):
     )
     record("fold: BN called with inputs= (relative)", relative, 0.0)
     assert relative <= 1e-5, relative
+
+
+def test_bn_with_batch_statistics_mode_is_refused_naming_its_path(rng):
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3),
+            kerasbn.BatchNorm(statistics="batch"),
+        ]
+    )
+    with pytest.raises(
+        ValueError, match=r"\['sequential_?\d*/batch_norm_?\d*'\].*statistics='batch'"
+    ):
+        kerasbn.fold_batch_norms(model)
+
+
+def test_bn_in_moving_mode_folds_like_any_other(rng):
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3),
+            kerasbn.BatchNorm(
+                statistics="moving", moving_mean_initializer="random_normal"
+            ),
+        ]
+    )
+    x = rng.normal(size=(8, 4)).astype("float32")
+    folded = kerasbn.fold_batch_norms(model)
+    np.testing.assert_allclose(
+        folded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6
+    )

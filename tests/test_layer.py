@@ -734,3 +734,208 @@ def test_mask_of_wrong_rank_carries_keras_own_phrase(rng):
     for layer_class in (keras.layers.BatchNormalization, kerasbn.BatchNorm):
         with pytest.raises(ValueError, match=phrase):
             layer_class()(x, training=True, mask=np.ones((4,), bool))
+
+
+# ------------------------------------------------- unbiased moving variance
+def _np_unbiased(var, n):
+    return var * n / (n - 1)
+
+
+@pytest.mark.parametrize(
+    "shape, kwargs, channel_axes, n",
+    [
+        ((8, 5, 3), dict(), [2], 40),
+        ((6, 3, 4, 4), dict(axis=1, momentum=0.25), [1], 96),
+        ((4, 6, 5), dict(axis=[1, 2]), [1, 2], 4),
+        ((16, 24, 24, 32), dict(momentum=0.9), [3], 16 * 24 * 24),  # fast paths
+        ((16, 32, 24, 24), dict(axis=1), [1], 16 * 24 * 24),
+        ((12, 5), dict(renorm=True, momentum=0.5), [1], 12),
+    ],
+)
+def test_unbiased_moving_variance_moves_towards_bessel_corrected_variance(
+    rng, shape, kwargs, channel_axes, n
+):
+    kwargs = {"momentum": 0.5, **kwargs}
+    layer = kerasbn.BatchNorm(unbiased_moving_variance=True, **kwargs)
+    layer.build(shape)
+    x = rng.normal(2.0, 3.0, shape).astype("float32")
+    y, _ = train_call(layer, x, np.ones(shape, "float32"))
+    mean, var = np_moments(x, channel_axes)
+    if not kwargs.get("renorm"):  # (renorm's output has its r, d corrections)
+        np.testing.assert_allclose(y, np_batch_norm(x, mean, var), **TOL)  # biased
+    m = kwargs["momentum"]
+    expected_var = m * 1.0 + (1 - m) * _np_unbiased(var, n)
+    if kwargs.get("renorm"):  # moving_stddev moves, the variance follows it
+        stddev = m * 1.0 + (1 - m) * np.sqrt(_np_unbiased(var, n) + 1e-3)
+        expected_var = stddev**2 - 1e-3
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_variance),
+        expected_var.reshape(layer.moving_variance.shape),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_mean),
+        ((1 - m) * mean).reshape(layer.moving_mean.shape),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    record(
+        "unbiased moving variance vs NumPy",
+        layer.moving_variance,
+        expected_var.reshape(layer.moving_variance.shape),
+    )
+
+
+def test_unbiased_moving_variance_counts_unmasked_values_and_ghost_groups(rng):
+    x = rng.normal(1.0, 2.0, (6, 5, 3)).astype("float32")
+    mask = rng.random((6, 5)) > 0.4
+    mask[:, 0] = True
+    layer = kerasbn.BatchNorm(unbiased_moving_variance=True, momentum=0.0)
+    layer(x, training=True, mask=mask)
+    values = x[mask]  # (count, 3)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_variance), values.var(0, ddof=1), rtol=1e-5
+    )
+    ghost = kerasbn.BatchNorm(
+        unbiased_moving_variance=True, momentum=0.0, virtual_batch_size=3
+    )
+    ghost(x, training=True)
+    groups = [x[g::2].reshape(-1, 3) for g in range(2)]  # tf.keras's strided groups
+    expected = np.mean([g.var(0, ddof=1) for g in groups], axis=0)
+    np.testing.assert_allclose(to_numpy(ghost.moving_variance), expected, rtol=1e-5)
+
+
+def test_unbiased_channel_with_one_unmasked_value_keeps_its_statistics(rng):
+    x = rng.normal(size=(4, 3, 2)).astype("float32")
+    mask = np.zeros((4, 3), bool)
+    mask[0, 0] = True  # one value per channel: no unbiased variance
+    layer = kerasbn.BatchNorm(unbiased_moving_variance=True, momentum=0.0)
+    y = layer(x, training=True, mask=mask)
+    assert np.all(np.isfinite(to_numpy(y)))
+    np.testing.assert_array_equal(to_numpy(layer.moving_mean), [0.0, 0.0])
+    np.testing.assert_array_equal(to_numpy(layer.moving_variance), [1.0, 1.0])
+
+
+# ----------------------------------------------------------- statistics modes
+def test_statistics_moving_normalizes_with_moving_statistics_and_never_updates(rng):
+    layer = kerasbn.BatchNorm(
+        statistics="moving",
+        moving_mean_initializer="random_normal",
+        gamma_initializer="random_normal",
+    )
+    x = rng.normal(3.0, 2.0, (16, 3)).astype("float32")
+    layer.build(x.shape)
+    before = [w.copy() for w in layer.get_weights()]
+    gamma, beta, mean, var = before
+    upstream = rng.normal(size=x.shape).astype("float32")
+    y, (grad_x, grad_gamma, grad_beta) = train_call(layer, x, upstream)
+    x_hat = (x - mean) / np.sqrt(var + 1e-3)
+    np.testing.assert_allclose(y, gamma * x_hat + beta, **TOL)
+    np.testing.assert_allclose(grad_x, upstream * gamma / np.sqrt(var + 1e-3), **TOL)
+    np.testing.assert_allclose(grad_gamma, (upstream * x_hat).sum(0), **TOL)
+    np.testing.assert_allclose(grad_beta, upstream.sum(0), **TOL)
+    for w, w_before in zip(layer.get_weights(), before):
+        np.testing.assert_array_equal(w, w_before)
+
+
+def test_statistics_batch_uses_batch_statistics_in_inference_too(rng):
+    layer = kerasbn.BatchNorm(statistics="batch", momentum=0.5)
+    x = rng.normal(3.0, 2.0, (16, 3)).astype("float32")
+    mean, var = np_moments(x, [1])
+    np.testing.assert_allclose(to_numpy(layer(x)), np_batch_norm(x, mean, var), **TOL)
+    np.testing.assert_allclose(
+        to_numpy(layer(x, training=False)), np_batch_norm(x, mean, var), **TOL
+    )
+    np.testing.assert_array_equal(to_numpy(layer.moving_mean), np.zeros(3))
+    np.testing.assert_array_equal(to_numpy(layer.moving_variance), np.ones(3))
+    layer(x, training=True)  # training still moves the moving statistics
+    np.testing.assert_allclose(to_numpy(layer.moving_mean), 0.5 * mean.ravel(), **TOL)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_variance), 0.5 + 0.5 * var.ravel(), **TOL
+    )
+
+
+def test_statistics_and_unbiased_flag_are_serialized():
+    layer = kerasbn.BatchNorm(statistics="batch", unbiased_moving_variance=True)
+    config = layer.get_config()
+    assert config["statistics"] == "batch"
+    assert config["unbiased_moving_variance"] is True
+    again = kerasbn.BatchNorm.from_config(config)
+    assert (again.statistics, again.unbiased_moving_variance) == ("batch", True)
+    default = kerasbn.BatchNorm().get_config()
+    assert (default["statistics"], default["unbiased_moving_variance"]) == (
+        "auto",
+        False,
+    )
+
+
+@pytest.mark.parametrize("value", ["frozen", None, 1])
+def test_bad_statistics_mode_is_rejected_naming_the_allowed_modes(value):
+    with pytest.raises(
+        ValueError,
+        match=r"`statistics` must be one of \['auto', 'moving', 'batch'\]; got "
+        rf"statistics={value!r}",
+    ):
+        kerasbn.BatchNorm(statistics=value)
+
+
+FIT_MODES = [
+    # (statistics, trainable): moving statistics kept?, gamma/beta trained?
+    ("auto", True),
+    ("auto", False),
+    ("moving", True),
+    ("moving", False),
+    ("batch", True),
+]
+
+
+@pytest.mark.parametrize("statistics, trainable", FIT_MODES)
+def test_fine_tuning_modes_under_fit(rng, statistics, trainable):
+    model = keras.Sequential([keras.Input((4,))])
+    model.add(keras.layers.Dense(3))
+    bn = kerasbn.BatchNorm(
+        momentum=0.5,
+        statistics=statistics,
+        moving_mean_initializer="random_normal",
+        trainable=trainable,
+    )
+    model.add(bn)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    x = rng.normal(1.0, 1.0, (32, 4)).astype("float32")
+    target = rng.normal(size=(32, 3)).astype("float32")
+    before = [w.copy() for w in bn.get_weights()]
+    model.fit(x, target, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    after = bn.get_weights()
+    statistics_moved = max(
+        float(np.max(np.abs(a - b))) for a, b in zip(after[2:], before[2:])
+    )
+    affine_moved = max(
+        float(np.max(np.abs(a - b))) for a, b in zip(after[:2], before[:2])
+    )
+    record(
+        f"fit, statistics={statistics} trainable={trainable}: moving stats change",
+        statistics_moved,
+        0.0,
+    )
+    record(
+        f"fit, statistics={statistics} trainable={trainable}: gamma/beta change",
+        affine_moved,
+        0.0,
+    )
+    if statistics == "moving" or not trainable:
+        assert statistics_moved == 0.0
+    else:
+        assert statistics_moved > 1e-3
+    assert (affine_moved > 1e-4) == trainable
+    h = to_numpy(model.layers[0](x))
+    gamma, beta, mean, var = after
+    if statistics == "batch":
+        mean, var = np_moments(h, [1])
+    expected = np_batch_norm(h, mean, var, gamma, beta)
+    predicted = model.predict(x, verbose=0)
+    np.testing.assert_allclose(predicted, expected, **TOL)
+    record(
+        f"fit, statistics={statistics} trainable={trainable}: predict vs NumPy",
+        predicted,
+        expected,
+    )

@@ -292,3 +292,16 @@ def test_population_statistics_are_pooled_in_float64_on_every_backend():
     np.testing.assert_array_max_ulp(
         moving(model.layers[0])[1], var.ravel().astype("f4")
     )
+
+
+def test_unbiased_layer_gets_the_unbiased_population_variance(rng):
+    model = keras.Sequential(
+        [keras.Input((3,)), kerasbn.BatchNorm(unbiased_moving_variance=True)]
+    )
+    x = rng.normal(5.0, 2.0, (50, 3)).astype("float32")
+    kerasbn.recalibrate(model, x, batch_size=8)
+    bn = model.layers[0]
+    np.testing.assert_allclose(to_numpy(bn.moving_mean), x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(bn.moving_variance), x.var(0, ddof=1), rtol=1e-5
+    )

@@ -139,3 +139,20 @@ def test_synchronized_fit_under_mirrored_strategy_matches_full_batch_numpy(
     bn = model.layers[0]
     np.testing.assert_allclose(bn.moving_mean.numpy(), mean.ravel(), rtol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.numpy(), var.ravel(), rtol=1e-5)
+
+
+@MIRRORED
+def test_synchronized_unbiased_variance_uses_the_global_count(rng, strategy):
+    parts = [
+        rng.normal(i, 1.0 + i, (n, 3)).astype("float32") for i, n in [(0, 5), (1, 3)]
+    ]
+    with strategy.scope():
+        layer = kerasbn.BatchNorm(
+            synchronized=True, momentum=0.0, unbiased_moving_variance=True
+        )
+        layer.build((None, 3))
+    _sync_train_step(strategy, layer, parts, [np.ones_like(p) for p in parts])
+    full = np.concatenate(parts)
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), full.var(0, ddof=1), rtol=1e-5
+    )

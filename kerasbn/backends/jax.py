@@ -21,7 +21,8 @@ The statistics are computed one of two ways (:func:`formulation`):
   spread (mean 1e4, std 1e-2). XLA materializes ``d`` before a reduction
   (its CPU reductions do not fuse a broadcast subtraction), so this costs
   two passes over memory more than the sums of ``x`` itself.
-* ``"rough"`` (inputs of ``ROUGH_MIN_ELEMENTS`` or more): ``shift`` is 0 and
+* ``"rough"`` (static shapes of ``ROUGH_MIN_ELEMENTS`` or more; a symbolic
+  dimension always takes ``"shifted"``): ``shift`` is 0 and
   the sums of ``x`` and ``x * x`` give the statistics, and the sum of
   ``dy * x`` the backward projection. Their relative error grows like
   ``(1 + (mean / std)**2) * eps``, so where some channel's mean lies more
@@ -182,8 +183,20 @@ def _view(shape: Sequence[int | None], axes: Sequence[int]) -> _View | None:
     start, stop = channel_axes[0], channel_axes[-1] + 1
     outer, channels = math.prod(shape[:start]), math.prod(shape[start:stop])
     inner = math.prod(shape[stop:])
-    rough = outer * channels * inner >= ROUGH_MIN_ELEMENTS
-    return _View(start, stop, outer, channels, inner, rough)
+    return _View(start, stop, outer, channels, inner, _rough(shape))
+
+
+def _rough(shape: Sequence) -> bool:
+    """Whether an input of ``shape`` takes the rough statistics.
+
+    Only a fully static shape of ``ROUGH_MIN_ELEMENTS`` or more does: a
+    symbolic dimension (``jax.export``, ``model.export`` with a variable
+    batch) cannot be compared with a number, and the shifted statistics serve
+    every size exactly.
+    """
+    if not all(isinstance(d, int) for d in shape):
+        return False
+    return math.prod(shape) >= ROUGH_MIN_ELEMENTS
 
 
 def _shape(x) -> tuple | None:
@@ -215,8 +228,8 @@ def applies(x, axes: Sequence[int], mask=None) -> bool:
         return False
     if keras.backend.standardize_dtype(x.dtype) not in DTYPES:
         return False
-    view = _view(shape, axes)
-    return view is not None and view.count > 0
+    # A symbolic dimension is at least 1 (jax.export's assumption).
+    return _view(shape, axes) is not None and 0 not in shape
 
 
 def formulation(shape: Sequence[int], axes: Sequence[int]) -> str:
@@ -238,7 +251,7 @@ def formulation(shape: Sequence[int], axes: Sequence[int]) -> str:
         ('shifted', 'shifted')
     """
     view = _view(tuple(shape), axes)
-    if view is None or view.count == 0:
+    if view is None or 0 in tuple(shape):
         return "generic"
     return "rough" if view.rough else "shifted"
 

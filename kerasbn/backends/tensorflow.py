@@ -15,12 +15,15 @@ call from the static shape (see :func:`formulation`):
   inputs with such channel counts (``FUSED_THRESHOLDS``). The kernel's batch
   variance is Bessel-corrected; it is scaled back by ``(n - 1) / n`` to the
   biased variance that the moving average takes. Where a channel's mean is
-  more than ``FAR_MEAN`` spreads from zero, one more pass over the input
-  removes the rounding of the kernel's float32 mean from the statistics.
+  more than ``FAR_MEAN`` spreads from zero, the kernel runs again on the
+  input shifted by its first sample, which removes the rounding of its
+  float32 mean from the output and the statistics (a constant channel
+  normalizes to 0 at any magnitude).
 * ``"composite"``: one ``tf.custom_gradient`` of 13 large ops: forward the
-  subtraction of each channel's first sample (the shift), the sums of
-  ``x - shift`` and of its square, the square, a multiply and an add; backward the sums of ``dy`` and
-  ``dy * (x - shift)`` and five element-wise ops. Reductions run over contiguous axes first. Channels-last
+  sums of ``d = x - shift`` (``shift`` the first sample, as in
+  :mod:`kerasbn.ops`) and of its square, the subtraction, the square, a
+  multiply and an add; backward the sums of ``dy`` and ``dy * d`` and five
+  element-wise ops. Reductions run over contiguous axes first. Channels-last
   inputs with fewer than 64 channels are viewed as ``(rows / k, k * C)`` with
   ``k * C`` a multiple of 16, which halves the cost of broadcasting
   per-channel vectors for channel counts such as 10 or 20.
@@ -71,7 +74,7 @@ DTYPES = ("float16", "bfloat16", "float32")
 FUSED_THRESHOLDS = ((8, 1 << 17), (4, 1 << 19))
 FUSED_MIN_EPSILON = 1.001e-5  # cuDNN's smallest epsilon
 FUSED_IMAGE_ROWS = 16  # rows per image of the fused kernel's 4-D view
-FAR_MEAN = 100.0  # spreads from zero beyond which the fused mean is refined
+FAR_MEAN = 100.0  # spreads from zero beyond which the fused kernel is shifted
 NOMINAL_DIM = 32  # stands for an unknown dimension when sizing a tensor
 VECTOR_WIDTH = 16  # float32 lanes of a 512-bit vector
 WIDEN_MIN_ELEMENTS = 1 << 15  # below this, widening costs more ops than it saves
@@ -265,6 +268,7 @@ class _Layout:
         self.statistics_shape = _statistics_shape(x, view)
         self.k = _widening(x.shape, view, _device_type(x))
         self.inner_axes = tuple(range(view.stop, rank))
+        self.channel_axes = range(view.start, view.stop)
         self.outer_axes = tuple(range(view.start))
         if self.k > 1:
             self.vector_shape = (view.channels,)
@@ -320,9 +324,10 @@ class _Layout:
     def first(self, xv):
         """The first sample of each channel as a vector (0 for an empty batch).
 
-        The sum over a one-sample slice, as in :mod:`kerasbn.ops`: it keeps
-        the vector's shape and gives 0 rather than an error where the batch
-        is empty.
+        The shift of the statistics, as in
+        :func:`kerasbn.ops.sufficient_moments`: the sum over a one-sample
+        slice, which has the vector's static shape also where a dimension is
+        unknown, and gives 0 rather than an error where the batch is empty.
         """
         if self.k > 1:
             return tf.reduce_sum(xv[:1, : self.channels], axis=0)
@@ -387,21 +392,22 @@ def _fused_view(x, view: _View):
 def _composite_batch_normalize(x, view: _View, gamma, beta, epsilon: float):
     """BN of ``x`` with its own statistics as one ``tf.custom_gradient``.
 
-    Forward: the subtraction of each channel's first sample (the shift), the
-    sums of ``x - shift`` and of its square, the square, a multiply and an
-    add. Backward: the sums of ``dy`` and ``dy * (x - shift)`` and five
-    element-wise ops. As with the shifted moments of :mod:`kerasbn.ops`,
+    Forward: the sums of ``d = x - shift`` and of its square, the
+    subtraction, the square, a multiply and an add. Backward: the sums of
+    ``dy`` and ``dy * d`` and five element-wise ops. The shift is the first
+    sample of each channel, as in :func:`kerasbn.ops.sufficient_moments`, so
     the statistics stay exact where the mean is large compared with the
-    spread. (Centring on the float32 mean instead took one more pass over
-    ``x``, for its sum.) Returns ``(y, mean, variance)`` in
-    the layout.
+    spread and a constant channel normalizes to exactly 0 at any magnitude
+    (a float32 sum of ``x`` itself, the mean's first guess before, was off
+    by 113 at a constant 1e6 + 0.5 over 100,352 values). Returns ``(y, mean,
+    variance)`` in the layout.
     """
     layout = _Layout(x, view)
 
     @tf.custom_gradient
     def batch_norm(xv, gamma, beta):
         count = layout.samples(xv)
-        shift = layout.first(xv)
+        shift = tf.stop_gradient(layout.first(xv))
         centred = xv - layout.spread(shift)  # exact where x is close to it
         offset = layout.sum(centred) / count
         variance = layout.sum_of_squares(centred) / count - tf.square(offset)
@@ -436,47 +442,81 @@ def _fused_batch_normalize(x, view: _View, gamma, beta, epsilon: float):
     """BN with the fused kernel; returns ``(y, mean, variance)``.
 
     The kernel's batch variance is unbiased; it is scaled back to the biased
-    one. See :func:`_refine` for inputs whose mean is far from zero.
+    one. The kernel keeps its mean in float32, so where a channel's mean is
+    far from zero next to its spread the mean's rounding, amplified by
+    ``1 / sqrt(variance + epsilon)``, spoils the output (a constant channel
+    of 1e6 + 0.5 came out as 0.010 rather than 0) and the variance (a
+    relative error near ``(eps * mean)**2 / variance``, 2e-4 for a mean of
+    1e4 and a spread of 1e-2). Where some channel's mean exceeds
+    ``FAR_MEAN`` spreads, a ``tf.cond`` (decided in the graph, one branch
+    runs) runs the kernel again on the input shifted by its first sample, as
+    :mod:`kerasbn.ops` shifts it; elsewhere (almost always) that costs one
+    comparison of two ``(C,)`` vectors.
     """
     x4 = _fused_view(x, view)
-    y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=x4,
-        scale=_channel_vector(gamma, view, x, 1.0),
-        offset=_channel_vector(beta, view, x, 0.0),
-        mean=tf.constant(_EMPTY, tf.float32),
-        variance=tf.constant(_EMPTY, tf.float32),
-        epsilon=epsilon,
-        exponential_avg_factor=1.0,
-        data_format="NHWC",
-        is_training=True,
+
+    def fused(t, scale, offset):
+        return tf.raw_ops.FusedBatchNormV3(
+            x=t,
+            scale=scale,
+            offset=offset,
+            mean=tf.constant(_EMPTY, tf.float32),
+            variance=tf.constant(_EMPTY, tf.float32),
+            epsilon=epsilon,
+            exponential_avg_factor=1.0,
+            data_format="NHWC",
+            is_training=True,
+        )
+
+    # The tf.cond runs in the forward pass only: the gradient is the fused
+    # gradient kernel of whichever input the kernel saw (BN's gradient does
+    # not change with a constant shift), so nothing of the branch not taken
+    # is kept for the backward pass.
+    @tf.custom_gradient
+    def batch_norm(x4, scale, offset):
+        y, mean, variance, *reserve = fused(x4, scale, offset)
+        far = tf.reduce_any(tf.square(mean) > FAR_MEAN**2 * variance)
+
+        def shifted():
+            shift = tf.cast(x4[:1, :1, :1], tf.float32)
+            # Exact in the input's dtype where x is close to its first sample.
+            t = tf.cast(tf.cast(x4, tf.float32) - shift, x4.dtype)
+            y, mean, variance, *reserve = fused(t, scale, offset)
+            mean = mean + tf.reshape(shift, [view.channels])
+            return (t, tf.cast(y, tf.float32), mean, variance, *reserve)
+
+        t, y, mean, variance, *reserve = tf.cond(
+            far,
+            shifted,
+            lambda: (x4, tf.cast(y, tf.float32), mean, variance, *reserve),
+        )
+
+        def grad(dy, *_):
+            dx, dscale, doffset, *_ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=tf.cast(dy, x4.dtype),
+                x=t,
+                scale=scale,
+                reserve_space_1=reserve[0],
+                reserve_space_2=reserve[1],
+                reserve_space_3=reserve[2],
+                epsilon=epsilon,
+                data_format="NHWC",
+                is_training=True,
+            )
+            return dx, dscale, doffset
+
+        return (y, mean, variance), grad
+
+    y, mean, variance = batch_norm(
+        x4, _channel_vector(gamma, view, x, 1.0), _channel_vector(beta, view, x, 0.0)
     )
-    mean, variance = _refine(x4, mean, variance * _bessel_inverse(x, view.channels))
+    variance = variance * _bessel_inverse(x, view.channels)
     shape = _statistics_shape(x, view)
     return (
         tf.reshape(y, _shape_of(x)),
         tf.reshape(mean, shape),
         tf.reshape(variance, shape),
     )
-
-
-def _refine(x4, mean, variance):
-    """The fused kernel's statistics, made exact where the mean is far from zero.
-
-    The kernel keeps the mean in float32, so its variance is too large by the
-    square of the mean's rounding: a relative error near ``(eps * mean)**2 /
-    variance`` (2e-4 for a mean of 1e4 and a spread of 1e-2). Where some
-    channel's mean exceeds ``FAR_MEAN`` spreads, one more pass over ``x``
-    measures that rounding and removes it; elsewhere (almost always) the
-    pass is skipped and costs nothing.
-    """
-
-    def exact():
-        x = tf.cast(x4, tf.float32)
-        offset = tf.reduce_mean(x - mean, axis=(0, 1, 2))
-        return mean + offset, tf.maximum(variance - tf.square(offset), 0.0)
-
-    far = tf.reduce_any(tf.square(mean) > FAR_MEAN**2 * variance)
-    return tf.cond(far, exact, lambda: (mean, variance))
 
 
 def _bessel_inverse(x, channels: int):

@@ -24,16 +24,29 @@ There training takes ``"matvec"``: the ``(rows, C)`` matrix, summed by
 matrix-vector products in one ``autograd.Function``
 (:class:`_MatVecBatchNorm`), 1.6 times faster there on two threads.
 
-The kernel keeps the batch mean and the unbiased batch variance in the
-running buffers that it is handed (momentum 1 replaces their contents); the
+In training the kernel sees the input shifted by its first sample per
+channel, ``x - shift``, as :mod:`kerasbn.ops` shifts it: the kernel
+computes its mean in float32, and around a large mean that mean is off by
+an ulp, which ``1 / sqrt(epsilon)`` amplifies (a constant channel of 9984
+came out as 0.117 rather than 0 with ``epsilon=1e-5``). Shifted, a constant
+channel is exactly 0 and a mean that dwarfs the spread keeps its variance.
+The subtraction is one element-wise op (it also casts float16 and bfloat16
+to float32, which the kernel needs anyway) and nothing is decided on the
+host: no value is read back from the device, so ``torch.compile`` and
+``torch.export`` trace the call without a data-dependent branch. The
+kernel keeps the batch mean and the unbiased batch variance in the running
+buffers that it is handed (momentum 1 replaces their contents); the
 variance is scaled by ``(n - 1) / n`` to the biased one that the moving
 average takes. That is exact to float32 rounding, unlike ``1 / invstd**2 -
 epsilon`` from the kernel's saved inverse deviation, which loses the
-variance wherever it is small next to epsilon. The kernel computes the
-variance around its float32 mean, so where a channel's mean is more than
-``FAR_MEAN`` spreads from zero, one more pass over the input recomputes the
-statistics around that mean, as :mod:`kerasbn.ops` does around a sample
-(see :func:`_refine`). Deciding that reads one boolean from the device.
+variance wherever it is small next to epsilon.
+
+Trace-safe choices: the formulation depends only on the rank, the channel
+axes and static sizes. A symbolic dimension (``torch.export`` with
+``dynamic_shapes``, ``torch.compile(dynamic=True)``) counts as
+``NOMINAL_DIM`` where the size matters, and inference makes no
+size-dependent choice at all. Permutations name their axes with
+non-negative indices, so that ONNX exporters write a valid ``perm``.
 
 Inference is one ``torch.batch_norm`` call with the given statistics on the
 same views. Outputs are float32 (float64 for float64 inputs), as :mod:`kerasbn.ops`
@@ -79,8 +92,8 @@ import torch
 from kerasbn import backends, ops
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-FAR_MEAN = 100.0  # spreads from zero beyond which the kernel's mean is refined
 MATVEC_MIN_SAMPLES = 4096  # values per channel from which "matvec" may serve
+NOMINAL_DIM = 32  # stands for a symbolic dimension when sizing the input
 
 
 class _View(NamedTuple):
@@ -101,22 +114,39 @@ class _View(NamedTuple):
     layout: str
 
 
-def _view(shape: Sequence[int], channel_axes: Sequence[int]) -> _View | None:
-    """The view for adjacent channel axes, else None."""
+def _view(
+    shape: Sequence[int], channel_axes: Sequence[int], training: bool = True
+) -> _View | None:
+    """The view for adjacent channel axes, else None.
+
+    ``training`` False (inference) never takes ``"matvec"``, a training-only
+    formulation, so inference makes no size-dependent choice.
+    """
     axes = sorted(channel_axes)
     if not axes or axes != list(range(axes[0], axes[-1] + 1)):
         return None
     start, stop = axes[0], axes[-1] + 1
     outer, channels = math.prod(shape[:start]), math.prod(shape[start:stop])
     inner = math.prod(shape[stop:])
-    layout = _layout(len(shape), start, stop, outer * inner, channels)
+    samples = _nominal_samples(shape, start, stop) if training else 0
+    layout = _layout(len(shape), start, stop, samples, channels)
     return _View(start, stop, outer, channels, inner, layout)
+
+
+def _nominal_samples(shape: Sequence, start: int, stop: int) -> int:
+    """Values per channel, a symbolic dimension counting as ``NOMINAL_DIM``.
+
+    A plain int: comparing it with a threshold adds no guard to a trace.
+    """
+    sizes = [*shape[:start], *shape[stop:]]
+    return math.prod(d if isinstance(d, int) else NOMINAL_DIM for d in sizes)
 
 
 def _layout(rank: int, start: int, stop: int, samples: int, channels: int) -> str:
     """How a rank-``rank`` input with channel axes ``start:stop`` is computed.
 
-    ``samples`` is the number of values per channel. See :func:`formulation`.
+    ``samples`` is the number of values per channel (a static int, 0 in
+    inference). See :func:`formulation`.
     """
     if stop < rank:
         return "planes"
@@ -191,11 +221,17 @@ def _kernel_dtype(x) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _kernel_view(x, view: _View):
-    """``x`` in the dtype and layout that the kernel takes (no copy if it can)."""
-    x = x.to(_kernel_dtype(x))
+def _kernel_view(x, view: _View, cast: bool = True):
+    """``x`` in the layout (and, if ``cast``, the dtype) that the kernel takes.
+
+    No copy where it can: channels last is a permutation to PyTorch's
+    ``channels_last`` memory format, spelled with non-negative axes.
+    """
+    if cast:
+        x = x.to(_kernel_dtype(x))
     if view.layout == "channels_last":
-        return x.movedim(-1, 1)
+        rank = x.dim()
+        return x.permute(0, rank - 1, *range(1, rank - 1))
     shape = (
         (view.outer, view.channels)
         if view.layout in ("rows", "matvec")
@@ -207,7 +243,7 @@ def _kernel_view(x, view: _View):
 def _restore(y, shape, view: _View):
     """The kernel's output ``y`` back in the input's ``shape``."""
     if view.layout == "channels_last":
-        return y.movedim(1, -1)
+        return y.permute(0, *range(2, y.dim()), 1)
     return y if y.shape == shape else y.reshape(shape)
 
 
@@ -245,31 +281,6 @@ def _batch_norm(x, weight, bias, mean, variance, training, momentum, epsilon):
         epsilon,
         torch.backends.cudnn.enabled,
     )
-
-
-def _refine(xv, mean, variance):
-    """The kernel's statistics, made exact where the mean is far from zero.
-
-    The kernel sums squared deviations from its float32 mean, so its variance
-    is too large by the square of that mean's rounding: a relative error near
-    ``(eps * mean)**2 / variance`` (2e-3 for a mean of 1e4 and a spread of
-    1e-2, more where the kernel's mean is off by more than its rounding).
-    Where some channel's mean exceeds ``FAR_MEAN`` spreads, the deviations
-    from the kernel's mean, exact in float32 there, give the variance and the
-    mean's correction in one ``var_mean``; elsewhere (almost always) this
-    costs one comparison of two ``(C,)`` vectors.
-    """
-    if xv.device.type == "meta":
-        return mean, variance
-    if not torch.gt(mean.square(), variance * FAR_MEAN**2).any():
-        return mean, variance
-    shape = [1] * xv.dim()
-    shape[1] = -1
-    dims = [d for d in range(xv.dim()) if d != 1]
-    variance, offset = torch.var_mean(
-        xv.detach() - mean.reshape(shape), dim=dims, correction=0
-    )
-    return mean + offset, variance
 
 
 # ------------------------------------------------------------------- training
@@ -319,13 +330,27 @@ class _MatVecBatchNorm(torch.autograd.Function):
         return dx, projection * inv, dbeta, None
 
 
+def _first_sample(xv):
+    """The first value of each channel of a kernel view (channels at axis 1)."""
+    index = [slice(0, 1)] * xv.dim()
+    index[1] = slice(None)
+    return xv[tuple(index)].detach()
+
+
 def _kernel_batch_normalize(xv, gamma, beta, epsilon: float, view: _View):
-    """``(y, mean, variance)`` of the view ``xv`` from ``torch.batch_norm``."""
+    """``(y, mean, variance)`` of the view ``xv`` from ``torch.batch_norm``.
+
+    The kernel sees ``xv - shift`` (see the module docstring); the
+    subtraction casts half types to the kernel's dtype on the way.
+    """
+    dtype = _kernel_dtype(xv)
+    shift = _first_sample(xv).to(dtype)
+    xs = xv - shift
     # Momentum 1 overwrites these with the batch mean and unbiased variance.
-    running_mean = torch.zeros(view.channels, dtype=xv.dtype, device=xv.device)
-    running_var = torch.zeros(view.channels, dtype=xv.dtype, device=xv.device)
+    running_mean = torch.zeros(view.channels, dtype=dtype, device=xv.device)
+    running_var = torch.zeros(view.channels, dtype=dtype, device=xv.device)
     y = _batch_norm(
-        xv,
+        xs,
         gamma,
         beta,
         running_mean,
@@ -335,7 +360,8 @@ def _kernel_batch_normalize(xv, gamma, beta, epsilon: float, view: _View):
         epsilon=epsilon,
     )
     n = xv.numel() // view.channels
-    return (y, *_refine(xv, running_mean, running_var * ((n - 1) / n)))
+    mean = shift.reshape(view.channels) + running_mean
+    return y, mean, running_var * ((n - 1) / n)
 
 
 def batch_normalize(x, axes: Sequence[int], gamma, beta, epsilon: float, mask=None):
@@ -371,9 +397,11 @@ def batch_normalize(x, axes: Sequence[int], gamma, beta, epsilon: float, mask=No
         )
     shape = tuple(x.shape)
     view = _view_of_reduction(shape, axes)
-    xv = _kernel_view(x, view)
-    gamma = _channel_vector(gamma, view, shape, xv.dtype)
-    beta = _channel_vector(beta, view, shape, xv.dtype)
+    # The kernel's formulation casts while it shifts; matvec casts first.
+    xv = _kernel_view(x, view, cast=view.layout == "matvec")
+    dtype = _kernel_dtype(x)
+    gamma = _channel_vector(gamma, view, shape, dtype)
+    beta = _channel_vector(beta, view, shape, dtype)
     if view.layout == "matvec":
         if gamma is None:
             gamma = xv.new_ones(view.channels)
@@ -448,7 +476,9 @@ def _inference_view(x, mean, variance) -> _View | None:
         if not isinstance(statistic, torch.Tensor) or statistic.requires_grad:
             return None
     channel_axes = backends.channels_of_statistic(mean.shape, x.dim())
-    return None if channel_axes is None else _view(tuple(x.shape), channel_axes)
+    if channel_axes is None:
+        return None
+    return _view(tuple(x.shape), channel_axes, training=False)
 
 
 # ------------------------------------------------ synchronized statistics

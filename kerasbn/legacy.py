@@ -1,0 +1,253 @@
+"""``load_legacy_model``: tf_keras / Keras 2 ``.h5`` models with kerasbn's BN.
+
+Keras 3 loads a Keras 2 ``.h5`` file itself (``keras.models.load_model``),
+but not every batch-normalization layer in it, even with kerasbn as a custom
+object: tf_keras saves a ghost-batch layer (``virtual_batch_size``) with the
+axis of its internal 5-D view and 5-D ``(1, 1, 1, 1, C)`` weights, a layer
+over several axes with full-rank ``(1, H, W, 1)`` weights (and Keras's
+legacy loader drops a list axis), and ``SyncBatchNormalization`` as a class
+of its own. :func:`load_legacy_model` rewrites a copy of the file's model
+config and BN weights for kerasbn, then lets Keras load that copy, so every
+other layer loads exactly as Keras loads it.
+
+tf_keras normalizes a 4-D (or 5-D) input over axis 1 or the last one with
+TensorFlow's fused kernel unless told otherwise (``fused=None``, its default,
+is not saved in the file). In training, that kernel moves the moving variance
+towards the *unbiased* batch variance (``n / (n - 1)`` times the biased one).
+Such layers load with ``unbiased_moving_variance=True``, so that training
+the loaded model moves its statistics as tf_keras moves them.
+
+h5py and tf_keras's file layout are the only things this module needs; it
+exists for that one framework's files and imports h5py when it is called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+
+import keras
+
+from kerasbn.layer import BatchNorm
+
+# class name in the file -> synchronized
+_BN_CLASSES = {"BatchNormalization": False, "SyncBatchNormalization": True}
+# Saved arguments that only choose a kernel: accepted, and without effect.
+IGNORED_HINTS = ("fused",)
+# Compute dtypes that tf_keras's fused kernel accepts.
+_FUSED_DTYPES = (
+    None,
+    "float32",
+    "float16",
+    "bfloat16",
+    "mixed_float16",
+    "mixed_bfloat16",
+)
+_CLASS = "kerasbn>LegacyBatchNorm"  # the class name the rewritten config uses
+_AXIS = "kerasbn_legacy_axis"  # the axis, where Keras's legacy loader keeps out
+
+
+def load_legacy_model(path, **kwargs) -> keras.Model:
+    """Loads a tf_keras / Keras 2 ``.h5`` model with every BN as ``kerasbn.BatchNorm``.
+
+    Every ``BatchNormalization`` and ``SyncBatchNormalization`` layer of the
+    file, in nested models too, becomes a ``kerasbn.BatchNorm`` with its
+    name, arguments and weights:
+
+    * ``virtual_batch_size`` (ghost batches) and list axes, with their
+      weights reshaped from tf_keras's broadcastable shapes;
+    * ``renorm``, ``renorm_clipping``, ``renorm_momentum``, ``momentum``,
+      ``epsilon``, ``center``, ``scale``, initializers, regularizers,
+      constraints, ``trainable`` and ``dtype``;
+    * ``SyncBatchNormalization`` as ``synchronized=True``. (tf_keras does not
+      save ``synchronized=True`` of a ``BatchNormalization`` layer; such a
+      layer loads unsynchronized.)
+    * layers that tf_keras ran with its fused kernel (Keras 2 files only:
+      a 4-D or 5-D input normalized over axis 1 or the last axis, without
+      renorm, ghost batches or synchronization, in float32/16 or bfloat16)
+      with ``unbiased_moving_variance=True``, as that kernel updates them.
+
+    ``fused``, a kernel hint, is accepted wherever it is saved and has no
+    effect of its own. A saved ``adjustment`` that is not None cannot be
+    honoured (kerasbn has no adjustment of the batch statistics) and raises.
+    Every other layer loads as ``keras.models.load_model`` loads it.
+
+    Args:
+        path: the ``.h5`` (or ``.hdf5``) file of a whole model.
+        **kwargs: passed to ``keras.models.load_model`` (``compile``,
+            ``custom_objects``, ``safe_mode``).
+
+    Returns:
+        The Keras model.
+
+    Raises:
+        ValueError: the file holds no model config (a weights-only file), or
+            a BN layer holds an argument that cannot be honoured (its name
+            and the argument are in the message).
+
+    Example:
+        >>> import os, tempfile, numpy as np, tf_keras, kerasbn
+        >>> old = tf_keras.Sequential([tf_keras.Input((4, 4, 3)),
+        ...     tf_keras.layers.BatchNormalization(virtual_batch_size=2)])
+        >>> path = os.path.join(tempfile.mkdtemp(), "old.h5")
+        >>> old.save(path)
+        >>> model = kerasbn.load_legacy_model(path, compile=False)
+        >>> bn = model.layers[0]
+        >>> type(bn).__name__, bn.axis, bn.virtual_batch_size, tuple(bn.moving_mean.shape)
+        ('BatchNorm', 3, 2, (3,))
+    """
+    import h5py
+
+    custom_objects = dict(kwargs.pop("custom_objects", None) or {})
+    with h5py.File(path, "r") as source:
+        if "model_config" not in source.attrs:
+            raise ValueError(
+                f"{os.fspath(path)!r} holds no model config (a weights-only file?); "
+                "load_legacy_model needs a whole model saved with model.save()."
+            )
+        version = _text(source.attrs.get("keras_version", "2"))
+        factory = _Factory(keras2=version.startswith("2."))
+        config = factory.rewrite(json.loads(_text(source.attrs["model_config"])))
+        with tempfile.TemporaryDirectory() as folder:
+            copy = os.path.join(folder, "model.h5")
+            with h5py.File(copy, "w") as target:
+                for key, value in source.attrs.items():
+                    target.attrs[key] = value
+                target.attrs["model_config"] = json.dumps(config)
+                for name in source:
+                    source.copy(source[name], target, name)
+                weights = (
+                    target["model_weights"] if "model_weights" in target else target
+                )
+                _reshape_weights(h5py, weights, factory.weight_axes)
+            custom_objects[_CLASS] = factory
+            model = keras.models.load_model(
+                copy, custom_objects=custom_objects, **kwargs
+            )
+    factory.mark_fused_layers()
+    return model
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _dtype_name(dtype) -> str | None:
+    """The policy name of a saved ``dtype`` (a string or a policy config)."""
+    if isinstance(dtype, dict):
+        return dtype.get("config", {}).get("name")
+    return dtype
+
+
+class _Factory:
+    """Rewrites BN configs for kerasbn, then builds them (Keras calls
+    :meth:`from_config`), and remembers which layers tf_keras fused."""
+
+    def __init__(self, keras2: bool):
+        self.keras2 = keras2
+        self.weight_axes: dict[str, list[int]] = {}  # layer name -> saved axes
+        self._fusable: list[str] = []  # names of layers that fused if 4-D/5-D
+        self._layers: dict[str, BatchNorm] = {}
+
+    def rewrite(self, node):
+        """``node`` (a parsed config) with every BN config rewritten."""
+        if isinstance(node, list):
+            return [self.rewrite(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if node.get("class_name") in _BN_CLASSES and isinstance(
+            node.get("config"), dict
+        ):
+            synchronized = _BN_CLASSES[node["class_name"]]
+            node = {
+                k: v for k, v in node.items() if k not in ("module", "registered_name")
+            }
+            return {
+                **node,
+                "class_name": _CLASS,
+                "config": self._bn(node["config"], synchronized),
+            }
+        return {key: self.rewrite(value) for key, value in node.items()}
+
+    def _bn(self, config: dict, synchronized: bool) -> dict:
+        config = dict(config)
+        name = config.get("name")
+        adjustment = config.pop("adjustment", None)
+        if adjustment is not None:
+            raise ValueError(
+                f"BN layer {name!r} has `adjustment`={adjustment!r}, which kerasbn "
+                "cannot honour: kerasbn.BatchNorm has no adjustment of the batch "
+                "statistics (allowed: adjustment=None)."
+            )
+        fused = config.pop("fused", None)  # one of IGNORED_HINTS
+        saved_axes = config.pop("axis", -1)
+        saved_axes = (
+            list(saved_axes) if isinstance(saved_axes, (list, tuple)) else [saved_axes]
+        )
+        ghost = config.get("virtual_batch_size")
+        # tf_keras shifts the axes of a ghost-batch layer by the dimension
+        # that its internal (v, B / v, ...) view adds.
+        axes = [a - 1 if ghost and a > 0 else a for a in saved_axes]
+        if ghost or len(axes) > 1:
+            self.weight_axes[name] = saved_axes
+        config[_AXIS] = axes[0] if len(axes) == 1 else axes
+        config["synchronized"] = bool(synchronized or config.get("synchronized", False))
+        if (
+            self.keras2
+            and fused is not False
+            and len(axes) == 1
+            and not (ghost or config.get("renorm") or config["synchronized"])
+            and _dtype_name(config.get("dtype")) in _FUSED_DTYPES
+        ):
+            self._fusable.append(name)
+        return config
+
+    def from_config(self, config: dict) -> BatchNorm:
+        config = dict(config)
+        layer = BatchNorm(axis=config.pop(_AXIS, -1), **config)
+        self._layers[layer.name] = layer
+        return layer
+
+    def mark_fused_layers(self) -> None:
+        """Sets ``unbiased_moving_variance`` where tf_keras used its fused kernel."""
+        for name in self._fusable:
+            layer = self._layers.get(name)
+            if layer is None:
+                continue
+            if not layer.built:
+                warnings.warn(
+                    f"BN layer {name!r} loaded unbuilt, so its input rank is unknown: "
+                    "if tf_keras ran it with its fused kernel (a 4-D or 5-D input "
+                    "over axis 1 or the last one), set its "
+                    "unbiased_moving_variance=True to train it as tf_keras does.",
+                    stacklevel=3,
+                )
+                continue
+            rank = len(layer.get_build_config()["input_shape"])
+            axis = layer.axis % rank
+            if rank in (4, 5) and axis in (1, rank - 1):
+                layer.unbiased_moving_variance = True
+
+
+def _reshape_weights(h5py, group, weight_axes: dict[str, list[int]]) -> None:
+    """Gives the weights of the layers named in ``weight_axes`` kerasbn's shapes:
+    the sizes of the saved axes only (tf_keras keeps 1s on the others)."""
+    found = []
+    group.visititems(
+        lambda path, item: (
+            found.append(path) if isinstance(item, h5py.Dataset) else None
+        )
+    )
+    for path in found:
+        owners = [part for part in path.split("/") if part in weight_axes]
+        if not owners:
+            continue
+        dataset = group[path]
+        axes = weight_axes[owners[-1]]
+        if dataset.ndim <= max(axes):
+            continue
+        values = dataset[()]
+        del group[path]
+        group.create_dataset(path, data=values.reshape([values.shape[a] for a in axes]))
