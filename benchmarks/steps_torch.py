@@ -200,4 +200,4 @@ def formulation(shape, axis: int) -> str:
     x = torch.zeros(shape, device="meta")
     if backends.implementation(x, axes) is backends.ops:
         return "generic"
-    return torch_backend.formulation(shape, axes)
+    return torch_backend.formulation(shape, axes, DEVICE.type)

@@ -169,8 +169,13 @@ class _View(NamedTuple):
         return x[tuple(index)]
 
 
-def _view(shape: Sequence[int | None], axes: Sequence[int]) -> _View | None:
-    """The view for adjacent channel axes of known size, else None."""
+def _view(
+    shape: Sequence[int | None], axes: Sequence[int], platform: str | None = None
+) -> _View | None:
+    """The view for adjacent channel axes of known size, else None.
+
+    ``platform`` is where the call runs (see :func:`_rough`).
+    """
     rank = len(shape)
     if not axes or None in shape:
         return None
@@ -183,17 +188,22 @@ def _view(shape: Sequence[int | None], axes: Sequence[int]) -> _View | None:
     start, stop = channel_axes[0], channel_axes[-1] + 1
     outer, channels = math.prod(shape[:start]), math.prod(shape[start:stop])
     inner = math.prod(shape[stop:])
-    return _View(start, stop, outer, channels, inner, _rough(shape))
+    return _View(start, stop, outer, channels, inner, _rough(shape, platform))
 
 
-def _rough(shape: Sequence) -> bool:
+def _rough(shape: Sequence, platform: str | None = None) -> bool:
     """Whether an input of ``shape`` takes the rough statistics.
 
     Only a fully static shape of ``ROUGH_MIN_ELEMENTS`` or more does: a
     symbolic dimension (``jax.export``, ``model.export`` with a variable
     batch) cannot be compared with a number, and the shifted statistics serve
-    every size exactly.
+    every size exactly. And only on the CPU: the threshold and the two
+    passes it saves were measured with XLA's CPU reductions, nowhere else.
+    ``platform`` (``"cpu"``, ``"gpu"``, ``"tpu"``) defaults to JAX's default
+    backend, where Keras's JAX backend computes.
     """
+    if (platform or jax.default_backend()) != "cpu":
+        return False
     if not all(isinstance(d, int) for d in shape):
         return False
     return math.prod(shape) >= ROUGH_MIN_ELEMENTS
@@ -232,12 +242,16 @@ def applies(x, axes: Sequence[int], mask=None) -> bool:
     return _view(shape, axes) is not None and 0 not in shape
 
 
-def formulation(shape: Sequence[int], axes: Sequence[int]) -> str:
+def formulation(
+    shape: Sequence[int], axes: Sequence[int], platform: str | None = None
+) -> str:
     """How a training call of this shape is computed.
 
     Args:
         shape: the input's shape.
         axes: the reduction axes.
+        platform: where it runs (``"cpu"``, ``"gpu"``...); by default JAX's
+            default backend. ``"rough"`` is for the CPU only.
 
     Returns:
         ``"generic"`` where :func:`applies` would decline the call (for a
@@ -249,8 +263,10 @@ def formulation(shape: Sequence[int], axes: Sequence[int]) -> str:
         ('rough', 'generic')
         >>> formulation((32, 24, 24, 10), [0, 1, 2]), formulation((32, 100), [0])
         ('shifted', 'shifted')
+        >>> formulation((32, 56, 56, 64), [0, 1, 2], platform="gpu")
+        'shifted'
     """
-    view = _view(tuple(shape), axes)
+    view = _view(tuple(shape), axes, platform)
     if view is None or 0 in tuple(shape):
         return "generic"
     return "rough" if view.rough else "shifted"
