@@ -13,6 +13,10 @@ steps module):
   updating the moving statistics;
 * **infer**: the layer in inference mode.
 
+``--harness eager`` (PyTorch) times the train step as a hand-written loop
+runs it instead: ``layer(x, training=True)``, then ``backward()`` of
+``(y * dy).sum()`` (``steps_torch.eager_train_step``).
+
 Rounds are interleaved (the order rotates) and the table shows medians and
 kerasbn's speed-up over each peer (peer time / kerasbn time). The floor is
 what memory bandwidth allows: a train step must move at least 8 tensors of
@@ -31,6 +35,8 @@ Run:
     python benchmarks/bench_layer.py --backend jax
     python benchmarks/bench_layer.py --rounds 21 --memory --json results/layer.json
     python benchmarks/bench_layer.py --backend torch --shapes 32,24,24,10 32,100
+    python benchmarks/bench_layer.py --backend torch --harness eager
+    python benchmarks/bench_layer.py --backend jax --kernels
 """
 
 from __future__ import annotations
@@ -110,8 +116,15 @@ def calibrate(fn, budget_s: float) -> int:
     return max(1, min(200, round(budget_s / max(time.perf_counter() - start, 1e-6))))
 
 
-def measure_shape(shape, axis: int, rounds: int, budget_s: float) -> dict:
-    """Medians (seconds) of every contender's train and inference step."""
+def measure_shape(
+    shape, axis: int, rounds: int, budget_s: float, harness: str = "compiled"
+) -> dict:
+    """Medians (seconds) of every contender's train and inference step.
+
+    ``harness="eager"`` times the train step as ``steps.eager_train_step``
+    (PyTorch) defines it.
+    """
+    make_train = steps.train_step if harness == "compiled" else steps.eager_train_step
     rng = np.random.default_rng(0)
     x_np = rng.normal(0.5, 2.0, shape).astype("float32")
     x = steps.to_tensor(x_np)
@@ -122,7 +135,7 @@ def measure_shape(shape, axis: int, rounds: int, budget_s: float) -> dict:
         layers.setdefault(name, build(name, shape, axis, weights))
     calls = {}
     for name, layer in layers.items():
-        train = steps.train_step(layer, shape)
+        train = make_train(layer, shape)
         infer = steps.inference_step(layer, shape)
         calls[f"train/{name}"] = lambda train=train: train(x, dy)
         calls[f"infer/{name}"] = lambda infer=infer: infer(x)
@@ -195,6 +208,18 @@ def table(results: list[dict], memory: dict | None) -> str:
     return text
 
 
+def print_kernels(shapes) -> None:
+    """The XLA kernels of the Keras layers' compiled train steps, per shape."""
+    rows = []
+    for shape, axis in shapes:
+        counts = [
+            steps.train_kernels(build(name, shape, axis), shape)
+            for name in ("kerasbn", "keras")
+        ]
+        rows.append([f"{tuple(shape)} ({axis})", *counts])
+    print(markdown_table(["shape (axis)", "kerasbn kernels", "Keras 3 kernels"], rows))
+
+
 def rss_child(name: str, shape_text: str, axis_text: str) -> None:
     """Child process: the memory of three train steps, printed as JSON."""
     shape, axis = tuple(int(v) for v in shape_text.split(",")), int(axis_text)
@@ -222,17 +247,40 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--budget", type=float, default=0.03, help="s per round")
     parser.add_argument("--shapes", nargs="*", help="e.g. 32,24,24,10")
+    parser.add_argument(
+        "--harness",
+        choices=("compiled", "eager"),
+        default="compiled",
+        help="train step: the backend's compiled step (default), or on PyTorch "
+        "an eager layer(x, training=True) and backward() of (y * dy).sum()",
+    )
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="JAX: print the XLA kernels of each train step, then stop",
+    )
     add_backend_flag(parser)
     add_output_flags(parser, "peak RSS per step")
     args = parser.parse_args(argv)
     if args.rss_child:
         rss_child(*args.rss_child)
         return
+    if args.kernels:
+        if not hasattr(steps, "train_kernels"):
+            parser.error(f"--kernels counts XLA kernels (JAX); got --backend {BACKEND}")
+        print_kernels(parse_shapes(args.shapes))
+        return
+    if args.harness == "eager" and not hasattr(steps, "eager_train_step"):
+        parser.error(
+            f"--harness eager is defined for --backend torch; got --backend {BACKEND}"
+        )
     env = machine()
     print(f"# {env}", flush=True)
     results = []
     for shape, axis in parse_shapes(args.shapes):
-        results.append(measure_shape(shape, axis, args.rounds, args.budget))
+        results.append(
+            measure_shape(shape, axis, args.rounds, args.budget, args.harness)
+        )
         r = results[-1]
         print(
             f"{tuple(shape)} axis={axis}: "
@@ -254,6 +302,7 @@ def main(argv=None) -> None:
     print(f"\n# load average at the end: {os.getloadavg()}")
     print(table(results, memory))
     payload = {"machine": env, "rounds": args.rounds, "results": results}
+    payload["harness"] = args.harness
     payload["contenders"] = list(CONTENDERS)
     if memory:
         payload["memory_mb"] = [

@@ -25,6 +25,7 @@ Run:
     python benchmarks/bench_mnist_epoch.py --synthetic --backend jax
     python benchmarks/bench_mnist_epoch.py --synthetic --rounds 5 --memory \\
         --json results/epoch.json
+    python benchmarks/bench_mnist_epoch.py --ops   # ops per BN layer (TensorFlow)
 """
 
 from __future__ import annotations
@@ -114,17 +115,77 @@ def rss_child(variant: str, batch_size: str, steps: str) -> None:
     print(json.dumps(step_memory_mb(epoch(model, x, y, batch_size))))
 
 
+BN_INPUTS = ((32, 24, 24, 10), (32, 8, 8, 20), (32, 100))  # the CNN's 3 BN layers
+
+
+def count_ops(models: dict, batch: int) -> None:
+    """Prints the ops of one traced train step (TensorFlow backend).
+
+    Per variant: the step of ``model.train_step``'s work (forward, loss,
+    gradients, Adam) on one batch, and what its BN layers add over the CNN
+    without BN, per layer. Per BN input shape: one layer's train step alone
+    (forward, backward, moving-average update; ``steps_tensorflow``).
+    Counts leave out constants, identities and placeholders; "optimized"
+    is after Grappler.
+    """
+    import steps_tensorflow
+    import tensorflow as tf
+
+    x = tf.zeros((batch, 28, 28, 1))
+    y = tf.zeros((batch,), tf.int32)
+    counts = {}
+    for name, model in models.items():
+
+        @tf.function
+        def step(x, y, model=model):
+            with tf.GradientTape() as tape:
+                loss = model.compute_loss(x, y, model(x, training=True))
+            weights = model.trainable_variables
+            model.optimizer.apply(tape.gradient(loss, weights), weights)
+
+        counts[name] = steps_tensorflow.graph_ops(step, x, y)
+    rows = []
+    for name, c in counts.items():
+        added = [(c[k] - counts["no_bn"][k]) / 3 for k in ("traced", "optimized")]
+        rows.append([name, c["traced"], c["optimized"], *(f"{a:.0f}" for a in added)])
+    header = ["variant", "step ops", "optimized", "per BN", "per BN optimized"]
+    print("\nOps of one train step of the CNN (model, loss, gradients, Adam):\n")
+    print(markdown_table(header, rows))
+    rows = []
+    for shape in BN_INPUTS:
+        for name in ("kerasbn", "keras"):
+            layer = steps_tensorflow.CONTENDERS[name]()
+            layer.build(shape)
+            t = tf.zeros(shape)
+            c = steps_tensorflow.graph_ops(
+                steps_tensorflow.train_step(layer, shape), t, t
+            )
+            rows.append([str(shape), name, c["traced"], c["optimized"]])
+    print("\nOps of one BN layer's train step (forward, backward, moving update):\n")
+    print(markdown_table(["BN input", "layer", "ops", "optimized"], rows))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--synthetic", action="store_true", help="random images")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images", type=int, default=IMAGES)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument(
+        "--ops",
+        action="store_true",
+        help="TensorFlow: print the ops a BN layer adds to a train step, then stop",
+    )
     add_backend_flag(parser)
     add_output_flags(parser, "peak RSS per variant")
     args = parser.parse_args(argv)
     if args.rss_child:
         rss_child(*args.rss_child)
+        return
+    if args.ops:
+        if BACKEND != "tensorflow":
+            parser.error(f"--ops counts TensorFlow graph ops; got --backend {BACKEND}")
+        count_ops(build_variants(), args.batch)
         return
     env = machine()
     print(f"# {env}", flush=True)

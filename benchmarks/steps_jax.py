@@ -31,6 +31,7 @@ and ``formulation``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -50,16 +51,21 @@ class FlaxBatchNorm:
         axis: the channel axis.
         momentum, epsilon: as the Keras layers (Flax uses the same momentum
             convention: the weight of the old value).
+        dtype: the output dtype (Flax's ``dtype``); None keeps the input's.
+            The statistics and the weights are float32 either way.
     """
 
-    def __init__(self, axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-3):
+    def __init__(
+        self,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        dtype=None,
+    ):
         self.axis = axis
-        self.train_module = nn.BatchNorm(
-            use_running_average=False, axis=axis, momentum=momentum, epsilon=epsilon
-        )
-        self.infer_module = nn.BatchNorm(
-            use_running_average=True, axis=axis, momentum=momentum, epsilon=epsilon
-        )
+        options = dict(axis=axis, momentum=momentum, epsilon=epsilon, dtype=dtype)
+        self.train_module = nn.BatchNorm(use_running_average=False, **options)
+        self.infer_module = nn.BatchNorm(use_running_average=True, **options)
         self.variables = None
 
     def build(self, shape: Sequence[int]) -> None:
@@ -140,6 +146,30 @@ def _flax_train(layer: FlaxBatchNorm):
     return lambda x, dy: jax.block_until_ready(
         step(x, dy, variables["params"], variables["batch_stats"])
     )
+
+
+def train_kernels(layer, shape: Sequence[int]) -> int:
+    """The kernels of the compiled train step of a built Keras layer.
+
+    Counted in the entry computation of XLA's optimized program: every
+    instruction but parameters, constants, tuples and bitcasts (a fusion
+    is one kernel).
+    """
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def step(x, dy, trainable, non_trainable):
+        def forward(x, trainable):
+            return layer.stateless_call(trainable, non_trainable, x, training=True)
+
+        y, vjp, new_non_trainable = jax.vjp(forward, x, trainable, has_aux=True)
+        return y, vjp(dy), new_non_trainable
+
+    x = jnp.ones(shape, jnp.float32)
+    text = jax.jit(step).lower(x, x, trainable, non_trainable).compile().as_text()
+    entry = text[text.index("ENTRY") :].split("\n}")[0]
+    free = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
+    return sum(op not in free for op in re.findall(r" = \S+ ([a-z-]+)\(", entry))
 
 
 def train_step(layer, shape: Sequence[int]) -> Callable[[object, object], object]:

@@ -57,6 +57,37 @@ def copy_step(x):
     return lambda: copy(x)
 
 
+# Ops that cost no kernel launch: left out of the op counts.
+FREE_OPS = {"Const", "Placeholder", "Identity", "NoOp", "_Arg", "_Retval"}
+
+
+def graph_ops(function, *args) -> dict[str, int]:
+    """Op counts of ``function`` (a ``tf.function``) traced for ``args``.
+
+    Returns:
+        ``{"traced": n, "optimized": m}``: the ops of the traced graph and of
+        that graph after TensorFlow's graph optimizer (Grappler, as
+        ``tf.function`` runs it on the CPU), both without :data:`FREE_OPS`.
+    """
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.grappler import tf_optimizer
+
+    concrete = function.get_concrete_function(*args)
+    graph = concrete.graph
+    traced = [op.type for op in graph.get_operations()]
+    meta = tf.compat.v1.train.export_meta_graph(
+        graph_def=graph.as_graph_def(add_shapes=True), graph=graph
+    )
+    fetches = meta.collection_def["train_op"].node_list.value
+    fetches.extend(t.name for t in concrete.outputs)
+    fetches.extend(op.name for op in graph.get_operations() if "Assign" in op.type)
+    optimized = tf_optimizer.OptimizeGraph(config_pb2.ConfigProto(), meta)
+    return {
+        "traced": sum(t not in FREE_OPS for t in traced),
+        "optimized": sum(n.op not in FREE_OPS for n in optimized.node),
+    }
+
+
 def formulation(shape, axis: int) -> str:
     """How kerasbn computes a train step of this shape."""
     axes = [a for a in range(len(shape)) if a != axis % len(shape)]

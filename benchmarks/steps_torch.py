@@ -23,7 +23,10 @@ Steps (eager PyTorch, as Keras runs torch models unless ``jit_compile=True``):
   weights; the moving statistics are updated; returns ``y`` and the
   gradients;
 * **infer**: ``layer(x, training=False)`` under ``torch.no_grad()``, as
-  Keras's ``predict`` runs it.
+  Keras's ``predict`` runs it;
+* **eager train** (``bench_layer.py --harness eager``,
+  :func:`eager_train_step`): ``layer(x, training=True)``, then ``backward()``
+  of ``(y * dy).sum()``, as a hand-written PyTorch loop runs it.
 
 On a GPU every step ends with ``torch.cuda.synchronize()``, so a step's time
 is its device time too.
@@ -141,6 +144,27 @@ def train_step(layer, shape) -> Callable[[torch.Tensor, torch.Tensor], object]:
     return step
 
 
+def eager_train_step(layer, shape) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """A plain eager training step: ``layer(x, training=True)``, then
+    ``backward()`` of the scalar ``(y * dy).sum()``.
+
+    This is what a hand-written PyTorch loop does (``zero_grad(set_to_none=
+    True)``, forward, loss, ``backward``): the gradients land in ``.grad``,
+    and the loss's own multiply and sum (and their backward) are timed too,
+    for every contender alike.
+    """
+    weights = _trainable(_built(layer, shape))
+
+    def step(x, dy):
+        for w in weights:
+            w.grad = None
+        x = x.detach().requires_grad_(True)
+        (layer(x, training=True) * dy).sum().backward()
+        _synchronize()
+
+    return step
+
+
 def inference_step(layer, shape) -> Callable[[torch.Tensor], object]:
     """``step(x) -> y``: inference mode under ``torch.no_grad()``."""
     _built(layer, shape)
@@ -176,4 +200,4 @@ def formulation(shape, axis: int) -> str:
     x = torch.zeros(shape, device="meta")
     if backends.implementation(x, axes) is backends.ops:
         return "generic"
-    return torch_backend.formulation(shape, axes)
+    return torch_backend.formulation(shape, axes, DEVICE.type)

@@ -333,7 +333,7 @@ class BatchNorm(keras.layers.Layer):
     def _update_moving_statistics(self, mean, variance, mask):
         mean = ops.squeeze(mean, axis=tuple(self._reduction_axes))
         variance = ops.squeeze(variance, axis=tuple(self._reduction_axes))
-        usable = bn_ops.all_finite(mean, variance)
+        usable = backends.all_finite(mean, variance)
         if mask is not None:  # a channel that saw too few values keeps them
             seen = ops.sum(ops.cast(mask, "float32"), axis=self._reduction_axes)
             needed = 2.0 if self.unbiased_moving_variance else 1.0

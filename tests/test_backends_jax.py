@@ -553,3 +553,61 @@ def test_inference_compiles_to_the_program_of_keras_bn(shape, axis):
     ours.build(shape)
     peer.build(shape)
     assert _compiled_ops(ours, shape) == _compiled_ops(peer, shape)
+
+
+def _entry_ops(text):
+    """The operations of an optimized XLA program's entry computation
+    (parameters, constants, tuples and bitcasts aside)."""
+    entry = text[text.index("ENTRY") :].split("\n}")[0]
+    ignored = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
+    found = re.findall(r" = \S+ ([a-z-]+)\(", entry)
+    return sorted(op for op in found if op not in ignored)
+
+
+def _train_step_kernels(layer, shape):
+    """The kernels of a jitted train step: forward, VJP and the new moving
+    statistics, as Keras's JAX trainer runs a layer (``stateless_call``)."""
+    layer.build(shape)
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def step(x, dy, trainable, non_trainable):
+        def forward(x, trainable):
+            return layer.stateless_call(trainable, non_trainable, x, training=True)
+
+        y, vjp, new_non_trainable = jax.vjp(forward, x, trainable, has_aux=True)
+        return y, vjp(dy), new_non_trainable
+
+    x = jnp.ones(shape, jnp.float32)
+    lowered = jax.jit(step).lower(x, x, trainable, non_trainable)
+    return _entry_ops(lowered.compile().as_text())
+
+
+@pytest.mark.parametrize("shape", [(32, 100), (32, 8, 8, 20), (256, 1024)])
+def test_train_step_with_its_finiteness_guard_compiles_to_no_more_kernels_than_keras_bn(
+    shape,
+):
+    ours = _train_step_kernels(kerasbn.BatchNorm(), shape)
+    peer = _train_step_kernels(keras.layers.BatchNormalization(), shape)
+    assert len(ours) <= len(peer), (ours, peer)
+
+
+@pytest.mark.parametrize("size", [1, 20, 32, 33, 100, 1000, 2049])
+def test_all_finite_of_the_jax_backend_matches_numpy(size):
+    from kerasbn.backends import jax as jax_backend
+
+    rng = np.random.default_rng(size)
+    base = rng.normal(0.0, 1e30, size).astype("float32")
+    cases = [base]
+    for position in {0, size // 2, size - 1}:
+        for bad in (np.nan, np.inf, -np.inf):
+            case = base.copy()
+            case[position] = bad
+            cases.append(case)
+    for case in cases:
+        for first, second in ((case, base), (base, case)):
+            expected = bool(np.all(np.isfinite(first)) and np.all(np.isfinite(second)))
+            got = jax.jit(jax_backend.all_finite)(
+                jnp.asarray(first), jnp.asarray(second)
+            )
+            assert bool(got) == expected, (size, first, second)

@@ -135,3 +135,24 @@ def test_renorm_correction_matches_closed_form():
         mean, var, 1.0, 2.0, eps, {"rmax": 1.2, "dmax": 0.25}
     )
     assert (float(r), float(d)) == pytest.approx((1.2, 0.25))
+
+
+@pytest.mark.parametrize("size", [1, 20, 33, 100, 2049])
+def test_backend_all_finite_matches_numpy(size):
+    from kerasbn import backends
+
+    rng = np.random.default_rng(size)
+    base = rng.normal(0.0, 1e30, size).astype("float32")
+    cases = [base]
+    for position in {0, size // 2, size - 1}:
+        for bad in (np.nan, np.inf, -np.inf):
+            case = base.copy()
+            case[position] = bad
+            cases.append(case)
+    for case in cases:
+        for first, second in ((case, base), (base, case)):
+            expected = bool(np.isfinite(first).all() and np.isfinite(second).all())
+            got = backends.all_finite(
+                keras.ops.convert_to_tensor(first), keras.ops.convert_to_tensor(second)
+            )
+            assert bool(keras.ops.convert_to_numpy(got)) == expected

@@ -80,6 +80,17 @@ def channels_of_statistic(shape: Sequence[int], rank: int) -> list[int] | None:
     return axes or [rank - 1]
 
 
+def all_finite(first, *others):
+    """A scalar boolean: every element of every tensor is finite.
+
+    The backend module's ``all_finite`` where it has one (fewer kernels for
+    the same answer), else :func:`kerasbn.ops.all_finite`.
+    """
+    module = current()
+    check = getattr(module, "all_finite", ops.all_finite)
+    return check(first, *others)
+
+
 def global_moments(local: ops.Moments) -> ops.Moments:
     """The moments of the global batch, merged over the backend's engine.
 

@@ -169,8 +169,13 @@ class _View(NamedTuple):
         return x[tuple(index)]
 
 
-def _view(shape: Sequence[int | None], axes: Sequence[int]) -> _View | None:
-    """The view for adjacent channel axes of known size, else None."""
+def _view(
+    shape: Sequence[int | None], axes: Sequence[int], platform: str | None = None
+) -> _View | None:
+    """The view for adjacent channel axes of known size, else None.
+
+    ``platform`` is where the call runs (see :func:`_rough`).
+    """
     rank = len(shape)
     if not axes or None in shape:
         return None
@@ -183,17 +188,22 @@ def _view(shape: Sequence[int | None], axes: Sequence[int]) -> _View | None:
     start, stop = channel_axes[0], channel_axes[-1] + 1
     outer, channels = math.prod(shape[:start]), math.prod(shape[start:stop])
     inner = math.prod(shape[stop:])
-    return _View(start, stop, outer, channels, inner, _rough(shape))
+    return _View(start, stop, outer, channels, inner, _rough(shape, platform))
 
 
-def _rough(shape: Sequence) -> bool:
+def _rough(shape: Sequence, platform: str | None = None) -> bool:
     """Whether an input of ``shape`` takes the rough statistics.
 
     Only a fully static shape of ``ROUGH_MIN_ELEMENTS`` or more does: a
     symbolic dimension (``jax.export``, ``model.export`` with a variable
     batch) cannot be compared with a number, and the shifted statistics serve
-    every size exactly.
+    every size exactly. And only on the CPU: the threshold and the two
+    passes it saves were measured with XLA's CPU reductions, nowhere else.
+    ``platform`` (``"cpu"``, ``"gpu"``, ``"tpu"``) defaults to JAX's default
+    backend, where Keras's JAX backend computes.
     """
+    if (platform or jax.default_backend()) != "cpu":
+        return False
     if not all(isinstance(d, int) for d in shape):
         return False
     return math.prod(shape) >= ROUGH_MIN_ELEMENTS
@@ -232,12 +242,16 @@ def applies(x, axes: Sequence[int], mask=None) -> bool:
     return _view(shape, axes) is not None and 0 not in shape
 
 
-def formulation(shape: Sequence[int], axes: Sequence[int]) -> str:
+def formulation(
+    shape: Sequence[int], axes: Sequence[int], platform: str | None = None
+) -> str:
     """How a training call of this shape is computed.
 
     Args:
         shape: the input's shape.
         axes: the reduction axes.
+        platform: where it runs (``"cpu"``, ``"gpu"``...); by default JAX's
+            default backend. ``"rough"`` is for the CPU only.
 
     Returns:
         ``"generic"`` where :func:`applies` would decline the call (for a
@@ -249,8 +263,10 @@ def formulation(shape: Sequence[int], axes: Sequence[int]) -> str:
         ('rough', 'generic')
         >>> formulation((32, 24, 24, 10), [0, 1, 2]), formulation((32, 100), [0])
         ('shifted', 'shifted')
+        >>> formulation((32, 56, 56, 64), [0, 1, 2], platform="gpu")
+        'shifted'
     """
-    view = _view(tuple(shape), axes)
+    view = _view(tuple(shape), axes, platform)
     if view is None or 0 in tuple(shape):
         return "generic"
     return "rough" if view.rough else "shifted"
@@ -436,3 +452,42 @@ def global_moments(local: ops.Moments) -> ops.Moments:
         True
     """
     return local
+
+
+# ------------------------------------------------------ non-finite guard
+GUARD_LANES = 32  # XLA's CPU runtime splits a longer reduction in two kernels
+
+
+def all_finite(first, *others):
+    """A scalar boolean: every element of every array is finite.
+
+    What :func:`kerasbn.ops.all_finite` computes, in one XLA kernel where that
+    takes three: ``t * 0`` is 0 where ``t`` is finite and NaN elsewhere, and
+    the sum of those probes is 0 exactly when all are. XLA's CPU runtime
+    splits a reduction of more than 32 elements into a reduce-window and a
+    reduce that do not fuse with the probe, so a longer probe is summed to
+    ``GUARD_LANES`` partial sums (one reduce that fuses the probe), and those
+    are added as ``GUARD_LANES`` scalars, which XLA fuses into the kernel that
+    consumes the result. In a train step of ``(32, 100)`` the guard costs one
+    kernel (11 in all, Keras's BN 12) where it cost three (13).
+
+    Args:
+        first, *others: arrays that broadcast together.
+
+    Example:
+        >>> bool(all_finite(jnp.ones(40), jnp.zeros(40))), bool(all_finite(jnp.array([jnp.inf])))
+        (True, False)
+    """
+    probe = jnp.asarray(first)
+    for t in others:
+        probe = probe + jnp.asarray(t) * 0.0
+    probe = jnp.ravel(probe * 0.0)
+    size = probe.shape[0]
+    if size > GUARD_LANES:
+        columns = -(-size // GUARD_LANES)
+        padded = jnp.pad(probe, (0, GUARD_LANES * columns - size))
+        probe = jnp.sum(jnp.reshape(padded, (GUARD_LANES, columns)), axis=1)
+    total = probe[0]
+    for i in range(1, probe.shape[0]):
+        total = total + probe[i]
+    return total == 0.0

@@ -139,7 +139,10 @@ def applies(x, axes: Sequence[int], mask=None) -> bool:
 
 
 def formulation(
-    shape: Sequence[int | None], axes: Sequence[int], epsilon: float
+    shape: Sequence[int | None],
+    axes: Sequence[int],
+    epsilon: float,
+    device: str = "CPU",
 ) -> str:
     """``"fused"`` or ``"composite"``: how a training call of this shape is computed.
 
@@ -149,32 +152,55 @@ def formulation(
         axes: the reduction axes; the call must be one that :func:`applies`
             accepts.
         epsilon: the layer's epsilon.
+        device: the device type the call runs on (``"CPU"``, ``"GPU"``...).
 
     Returns:
-        ``"fused"`` for channels-last inputs large enough for their channel
-        count (``FUSED_THRESHOLDS``) and an epsilon that cuDNN accepts,
-        ``"composite"`` otherwise.
+        ``"fused"`` for channels-last inputs and an epsilon that cuDNN
+        accepts: on the CPU only where they are large enough for their
+        channel count (``FUSED_THRESHOLDS``, measured on a CPU), on any other
+        device always (the fused kernel is what tf.keras runs on GPUs, and
+        nothing else was measured there). ``"composite"`` otherwise.
 
     Example:
         >>> formulation((32, 56, 56, 64), [0, 1, 2], 1e-3)
         'fused'
         >>> formulation((32, 24, 24, 10), [0, 1, 2], 1e-3)
         'composite'
+        >>> formulation((32, 24, 24, 10), [0, 1, 2], 1e-3, device="GPU")
+        'fused'
     """
     shape = tf.TensorShape(shape)
-    return _formulation(shape, _view_of_reduction(shape, axes), epsilon)
+    return _formulation(shape, _view_of_reduction(shape, axes), epsilon, device)
 
 
-def _formulation(shape: tf.TensorShape, view: _View, epsilon: float) -> str:
+def _formulation(
+    shape: tf.TensorShape, view: _View, epsilon: float, device: str = "CPU"
+) -> str:
     fused = (
         view.stop == shape.rank
         and epsilon >= FUSED_MIN_EPSILON
-        and any(
-            view.channels % multiple == 0 and _size(shape) >= smallest
-            for multiple, smallest in FUSED_THRESHOLDS
+        and (
+            device != "CPU"
+            or any(
+                view.channels % multiple == 0 and _size(shape) >= smallest
+                for multiple, smallest in FUSED_THRESHOLDS
+            )
         )
     )
     return "fused" if fused else "composite"
+
+
+def _device_type(x) -> str:
+    """The type of device that ``x``'s ops run on, known when tracing.
+
+    An eager tensor names its device. A symbolic one (``tf.function``)
+    usually names none; TensorFlow then places ops on a GPU where one is
+    visible, so that is the answer.
+    """
+    name = getattr(x, "device", "") or ""
+    if name:
+        return tf.DeviceSpec.from_string(name).device_type or "CPU"
+    return "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
 
 
 # ------------------------------------------------------------------- layouts
@@ -198,17 +224,19 @@ def _statistics_shape(x, view: _View) -> list[int]:
     return [x.shape[a] if view.start <= a < view.stop else 1 for a in range(rank)]
 
 
-def _widening(shape: tf.TensorShape, view: _View) -> int:
+def _widening(shape: tf.TensorShape, view: _View, device: str = "CPU") -> int:
     """The factor ``k`` that views channels-last ``(rows, C)`` as ``(rows / k, k * C)``.
 
     For fewer than ``4 * VECTOR_WIDTH`` channels in a tensor of at least
     ``WIDEN_MIN_ELEMENTS``, ``k * C`` becomes a multiple of ``VECTOR_WIDTH``
     (with ``k`` dividing the rows), so that element-wise ops broadcast
-    per-channel vectors over whole SIMD vectors. Otherwise 1: no widening.
+    per-channel vectors over whole SIMD vectors. Otherwise 1: no widening,
+    and on any device but the CPU, whose vector width this is.
     """
     channels = view.channels
     if (
-        view.stop != shape.rank
+        device != "CPU"
+        or view.stop != shape.rank
         or channels >= 4 * VECTOR_WIDTH
         or _size(shape) < WIDEN_MIN_ELEMENTS
     ):
@@ -223,10 +251,13 @@ def _widening(shape: tf.TensorShape, view: _View) -> int:
 class _Layout:
     """How the composite formulation sees ``x`` and its per-channel vectors.
 
-    Unwidened, ``x`` keeps its shape and a per-channel vector has the
-    statistics' keepdims shape, so the layer's reshaped weights broadcast as
-    they are; a reduction runs over the trailing axes first, which are
-    contiguous, then over the leading ones. Widened by ``k`` (see
+    Unwidened, ``x`` keeps its shape. Where the channel axes trail, a
+    per-channel vector has the shape of the channel axes (the layer's
+    weights as they are, which broadcast against ``x``) and a reduction runs
+    over the leading axes without keeping them, so that neither the weights
+    nor their gradients are reshaped. Otherwise a vector has the statistics'
+    keepdims shape, and a reduction runs over the trailing axes first, which
+    are contiguous, then over the leading ones. Widened by ``k`` (see
     :func:`_widening`), ``x`` is a ``(rows / k, k * C)`` matrix and a vector
     is ``(C,)``, repeated ``k`` times along a row.
     """
@@ -235,10 +266,16 @@ class _Layout:
         rank = x.shape.rank
         self.channels = view.channels
         self.statistics_shape = _statistics_shape(x, view)
-        self.k = _widening(x.shape, view)
+        self.k = _widening(x.shape, view, _device_type(x))
         self.inner_axes = tuple(range(view.stop, rank))
         self.channel_axes = range(view.start, view.stop)
         self.outer_axes = tuple(range(view.start))
+        if self.k > 1:
+            self.vector_shape = (view.channels,)
+        elif not self.inner_axes:  # trailing channels: no keepdims
+            self.vector_shape = tuple(self.statistics_shape[view.start :])
+        else:
+            self.vector_shape = tuple(self.statistics_shape)
         size = x.shape.num_elements()
         self.count = None if size is None else float(size // view.channels)
 
@@ -257,12 +294,16 @@ class _Layout:
 
     def vector(self, value, default: float = 1.0):
         """A broadcastable per-channel ``value`` (or ``default``) as a vector."""
+        if getattr(value, "shape", None) == self.vector_shape:
+            return tf.cast(value, tf.float32)  # e.g. the layer's weights as they are
         value = _statistics_tensor(value, self.statistics_shape, default)
-        return value if self.k == 1 else tf.reshape(value, [self.channels])
+        if self.vector_shape == tuple(self.statistics_shape):
+            return value
+        return tf.reshape(value, self.vector_shape)
 
     def statistics(self, v):
         """A vector in the statistics' keepdims shape."""
-        if self.k == 1:
+        if self.vector_shape == tuple(self.statistics_shape):
             return v
         return tf.reshape(v, self.statistics_shape)
 
@@ -272,20 +313,6 @@ class _Layout:
             return self.count
         return tf.cast(tf.size(xv) // self.channels, tf.float32)
 
-    def first(self, xv):
-        """The first sample of each channel of ``xv`` (in this layout), a vector.
-
-        The shift of the statistics, as in :func:`kerasbn.ops.sufficient_moments`.
-        """
-        if self.k > 1:
-            return xv[0, : self.channels]
-        index = tuple(
-            slice(None) if a in self.channel_axes else slice(0, 1)
-            for a in range(len(self.statistics_shape))
-        )
-        # A slice of an unknown dimension has an unknown size; it is 1 here.
-        return tf.reshape(xv[index], self.statistics_shape)
-
     def spread(self, v):
         """A vector, broadcastable against ``x`` in this layout."""
         return v if self.k == 1 else tf.tile(v, [self.k])
@@ -293,6 +320,24 @@ class _Layout:
     def sum(self, t):
         """``t`` summed to a vector."""
         return self._reduce(tf.reduce_sum, t)
+
+    def first(self, xv):
+        """The first sample of each channel as a vector (0 for an empty batch).
+
+        The shift of the statistics, as in
+        :func:`kerasbn.ops.sufficient_moments`: the sum over a one-sample
+        slice, which has the vector's static shape also where a dimension is
+        unknown, and gives 0 rather than an error where the batch is empty.
+        """
+        if self.k > 1:
+            return tf.reduce_sum(xv[:1, : self.channels], axis=0)
+        reduced = self.outer_axes + self.inner_axes
+        index = tuple(
+            slice(0, 1) if a in reduced else slice(None)
+            for a in range(len(self.statistics_shape))
+        )
+        keepdims = bool(self.inner_axes)
+        return tf.reduce_sum(xv[index], axis=reduced, keepdims=keepdims)
 
     def sum_of_squares(self, t):
         """The squares of ``t`` summed to a vector.
@@ -306,6 +351,8 @@ class _Layout:
         if self.k > 1:
             t = reduction(t, axis=0)
             return reduction(tf.reshape(t, [self.k, self.channels]), axis=0)
+        if not self.inner_axes:
+            return reduction(t, axis=self.outer_axes)
         for axes in (self.inner_axes, self.outer_axes):
             if axes:
                 t = reduction(t, axis=axes, keepdims=True)
@@ -374,12 +421,14 @@ def _composite_batch_normalize(x, view: _View, gamma, beta, epsilon: float):
             # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat))
             dbeta = layout.sum(dy)
             projection = layout.sum(dy * centred) - offset * dbeta
-            slope = scale * inv * inv * projection / count
-            constant = scale * dbeta / count - offset * slope
+            dgamma = projection * inv
+            per_sample = scale / count
+            slope = per_sample * inv * dgamma  # scale * inv**2 * projection / n
+            constant = per_sample * dbeta - offset * slope
             dx = dy * layout.spread(scale) - (
                 centred * layout.spread(slope) + layout.spread(constant)
             )
-            return dx, projection * inv, dbeta
+            return dx, dgamma, dbeta
 
         return (y, shift + offset, variance), grad
 
@@ -510,7 +559,7 @@ def batch_normalize(x, axes: Sequence[int], gamma, beta, epsilon: float, mask=No
             f"{'given' if mask is not None else 'None'}); use kerasbn.ops."
         )
     view = _view_of_reduction(x.shape, axes)
-    if _formulation(x.shape, view, epsilon) == "fused":
+    if _formulation(x.shape, view, epsilon, _device_type(x)) == "fused":
         y, mean, variance = _fused_batch_normalize(x, view, gamma, beta, epsilon)
     else:
         y, mean, variance = _composite_batch_normalize(x, view, gamma, beta, epsilon)
@@ -544,7 +593,8 @@ def normalize(x, mean, variance, gamma, beta, epsilon: float):
                [ 1.]], dtype=float32)>
     """
     view = _inference_view(x, mean)
-    if view is not None and _formulation(x.shape, view, epsilon) == "fused":
+    device = _device_type(x)
+    if view is not None and _formulation(x.shape, view, epsilon, device) == "fused":
         y, *_ = tf.raw_ops.FusedBatchNormV3(
             x=_fused_view(x, view),
             scale=_channel_vector(gamma, view, x, 1.0),
@@ -579,6 +629,24 @@ def _inference_view(x, mean) -> _View | None:
         return None
     channel_axes = backends.channels_of_statistic(getattr(mean, "shape", ()), rank)
     return None if channel_axes is None else _view(x.shape, channel_axes)
+
+
+# ------------------------------------------------------ non-finite guard
+def all_finite(first, *others):
+    """A scalar boolean: every element of every tensor is finite.
+
+    What :func:`kerasbn.ops.all_finite` computes, in one op fewer on
+    TensorFlow: ``first + t * 0`` is finite exactly where all are (adding 0
+    cannot overflow), and ``IsFinite`` and ``All`` test it.
+
+    Example:
+        >>> bool(all_finite(tf.ones(2), tf.constant([0.0, float("inf")])))
+        False
+    """
+    probe = first
+    for t in others:
+        probe = probe + t * 0.0
+    return tf.reduce_all(tf.math.is_finite(probe))
 
 
 # ------------------------------------------------ synchronized statistics

@@ -115,12 +115,16 @@ class _View(NamedTuple):
 
 
 def _view(
-    shape: Sequence[int], channel_axes: Sequence[int], training: bool = True
+    shape: Sequence[int],
+    channel_axes: Sequence[int],
+    training: bool = True,
+    device: str = "cpu",
 ) -> _View | None:
     """The view for adjacent channel axes, else None.
 
     ``training`` False (inference) never takes ``"matvec"``, a training-only
-    formulation, so inference makes no size-dependent choice.
+    formulation, so inference makes no size-dependent choice. ``device`` is
+    the input's device type (``x.device.type``).
     """
     axes = sorted(channel_axes)
     if not axes or axes != list(range(axes[0], axes[-1] + 1)):
@@ -129,7 +133,7 @@ def _view(
     outer, channels = math.prod(shape[:start]), math.prod(shape[start:stop])
     inner = math.prod(shape[stop:])
     samples = _nominal_samples(shape, start, stop) if training else 0
-    layout = _layout(len(shape), start, stop, samples, channels)
+    layout = _layout(len(shape), start, stop, samples, channels, device)
     return _View(start, stop, outer, channels, inner, layout)
 
 
@@ -142,24 +146,34 @@ def _nominal_samples(shape: Sequence, start: int, stop: int) -> int:
     return math.prod(d if isinstance(d, int) else NOMINAL_DIM for d in sizes)
 
 
-def _layout(rank: int, start: int, stop: int, samples: int, channels: int) -> str:
+def _layout(
+    rank: int, start: int, stop: int, samples: int, channels: int, device: str = "cpu"
+) -> str:
     """How a rank-``rank`` input with channel axes ``start:stop`` is computed.
 
     ``samples`` is the number of values per channel (a static int, 0 in
-    inference). See :func:`formulation`.
+    inference). ``"matvec"`` works around the CPU kernel's scalar tail for
+    channel counts off the CPU's vector width, measured on a CPU only: on
+    any other ``device`` the kernel serves (cuDNN on NVIDIA GPUs). See
+    :func:`formulation`.
     """
     if stop < rank:
         return "planes"
-    if MATVEC_MIN_SAMPLES <= samples and channels < 32 and channels % 8:
+    few = channels < 32 and channels % 8
+    if device == "cpu" and MATVEC_MIN_SAMPLES <= samples and few:
         return "matvec"
     if rank in (4, 5) and start == rank - 1:
         return "channels_last"
     return "rows"
 
 
-def _view_of_reduction(shape: Sequence[int], axes: Sequence[int]) -> _View | None:
+def _view_of_reduction(
+    shape: Sequence[int], axes: Sequence[int], device: str = "cpu"
+) -> _View | None:
     channel_axes = backends.channels_of_reduction(len(shape), axes)
-    return None if channel_axes is None else _view(shape, channel_axes)
+    if channel_axes is None:
+        return None
+    return _view(shape, channel_axes, device=device)
 
 
 def applies(x, axes: Sequence[int], mask=None) -> bool:
@@ -187,13 +201,15 @@ def applies(x, axes: Sequence[int], mask=None) -> bool:
     return _view_of_reduction(x.shape, axes) is not None
 
 
-def formulation(shape: Sequence[int], axes: Sequence[int]) -> str:
+def formulation(shape: Sequence[int], axes: Sequence[int], device: str = "cpu") -> str:
     """How the kernel sees an input of ``shape`` reduced over ``axes``.
 
     Args:
         shape: the input's shape.
         axes: the reduction axes; the call must be one that :func:`applies`
             accepts.
+        device: the input's device type (``"cpu"``, ``"cuda"``...);
+            ``"matvec"`` is for the CPU only.
 
     Returns:
         ``"channels_last"`` (a 4-D or 5-D input with its channels last,
@@ -211,8 +227,10 @@ def formulation(shape: Sequence[int], axes: Sequence[int]) -> str:
         'planes'
         >>> formulation((32, 100), [0]), formulation((32, 24, 24, 10), [0, 1, 2])
         ('rows', 'matvec')
+        >>> formulation((32, 24, 24, 10), [0, 1, 2], device="cuda")
+        'channels_last'
     """
-    return _view_of_reduction(tuple(shape), axes).layout
+    return _view_of_reduction(tuple(shape), axes, device).layout
 
 
 # ------------------------------------------------------------------- layouts
@@ -396,7 +414,7 @@ def batch_normalize(x, axes: Sequence[int], gamma, beta, epsilon: float, mask=No
             f"{'given' if mask is not None else 'None'}); use kerasbn.ops."
         )
     shape = tuple(x.shape)
-    view = _view_of_reduction(shape, axes)
+    view = _view_of_reduction(shape, axes, x.device.type)
     # The kernel's formulation casts while it shifts; matvec casts first.
     xv = _kernel_view(x, view, cast=view.layout == "matvec")
     dtype = _kernel_dtype(x)
@@ -544,3 +562,23 @@ class _AllGather(torch.autograd.Function):
         grad = grad.contiguous().clone()
         torch.distributed.all_reduce(grad)
         return grad[ctx.rank]
+
+
+# ------------------------------------------------------ non-finite guard
+def all_finite(first, *others):
+    """A scalar boolean tensor: every element of every tensor is finite.
+
+    What :func:`kerasbn.ops.all_finite` computes, with PyTorch's own ops:
+    ``first + t * 0`` is finite exactly where all are (adding 0 cannot
+    overflow). Eager PyTorch pays each Keras op's dispatch (5 to 25 µs),
+    which is most of a small layer's step; these are three native calls.
+    The result stays on the device: nothing is read on the host.
+
+    Example:
+        >>> all_finite(torch.ones(2), torch.tensor([0.0, float("inf")]))
+        tensor(False)
+    """
+    probe = torch.as_tensor(first)
+    for t in others:
+        probe = probe + torch.as_tensor(t) * 0.0
+    return torch.isfinite(probe).all()
