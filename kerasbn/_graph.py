@@ -34,7 +34,8 @@ import keras
 # Keras internals that a true copy must know: the graph map of functional
 # models, the base class of what Keras pickles, and the tracked containers.
 from keras.src.ops import function as keras_function
-from keras.src.saving import keras_saveable
+from keras.src.trainers import trainer
+from keras.src.saving import keras_saveable, serialization_lib
 from keras.src.utils import backend_utils, tracking
 
 from kerasbn.layer import BatchNorm
@@ -185,8 +186,7 @@ def copy_model(model: keras.Model, function: str) -> keras.Model:
         nodes = keras_function.map_graph(graph._inputs, graph._outputs)[0]
         object.__setattr__(graph, "_nodes", nodes)
     for original, new in zip(models(model), models(duplicate)):
-        if getattr(original, "compiled", False):  # an optimizer keys its
-            new.compile_from_config(original.get_compile_config())  # slots by id
+        compile_like(new, original)  # an optimizer keys its slots by id
     return duplicate
 
 
@@ -499,9 +499,26 @@ def without(model, removed: set[int]) -> keras.Model:
             clone_function=reuse,
             call_function=_skipping(removed),
         )
-    if model.compiled:
-        new_model.compile_from_config(model.get_compile_config())
+    compile_like(new_model, model)
     return new_model
+
+
+def compile_like(new: keras.Model, original: keras.Model) -> None:
+    """Compiles ``new`` as ``original`` was compiled (a fresh optimizer), if it was.
+
+    Keras's own ``compile`` is called with the arguments it recorded, as
+    ``compile_from_config`` does. A class that overrides ``compile`` (keras_hub
+    tasks do), which ``compile_from_config`` declines with a warning about
+    model loading, gets the same: what its override set on the model was
+    copied with the model, and the recorded arguments are those its override
+    passed on to Keras's.
+    """
+    if not getattr(original, "compiled", False):
+        return
+    config = serialization_lib.deserialize_keras_object(original.get_compile_config())
+    trainer.Trainer.compile(new, **config)
+    if new.built:
+        new.optimizer.build(new.trainable_variables)
 
 
 def _skipping(removed: set[int]) -> Callable:

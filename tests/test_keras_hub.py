@@ -170,6 +170,18 @@ def test_from_config_works_on_the_result(entry, converted):
     assert len(again.weights) == len(converted.weights)
 
 
+def test_a_compiled_model_gives_a_compiled_copy(entry, model):
+    # keras_hub tasks compile themselves; their compile() is their own.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = kerasbn.from_keras(model)
+    assert not [w for w in caught if "compile" in str(w.message)]
+    assert converted.compiled == model.compiled
+    if model.compiled:
+        assert converted.optimizer is not model.optimizer
+        assert converted.get_compile_config() == model.get_compile_config()
+
+
 def test_training_step_matches_keras(entry, x):
     # Fresh models: the training call moves their statistics.
     model = randomized(entry)
@@ -186,7 +198,14 @@ def test_fold_leaves_no_bn_and_keeps_predictions(entry, model, x):
     expected = model(x, training=False)
     folded = kerasbn.fold_batch_norms(randomized(entry))
     assert not all_batch_norms(folded)
-    difference = relative(folded(x, training=False), expected)
+    actual = folded(x, training=False)
+    if entry.top_k_outputs:  # gathered by a top-k over tied scores: see Entry
+        assert set(entry.top_k_outputs) & set(expected), sorted(expected)
+        actual, expected = (
+            {k: v for k, v in outputs.items() if k not in entry.top_k_outputs}
+            for outputs in (actual, expected)
+        )
+    difference = relative(actual, expected)
     figure(entry.name, "fold", difference)
     assert difference <= FOLD_TOLERANCE
 
