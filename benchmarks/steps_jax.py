@@ -31,7 +31,6 @@ and ``formulation``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -39,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
+import xla_programs
 
 import kerasbn
 from kerasbn import backends
@@ -149,27 +149,9 @@ def _flax_train(layer: FlaxBatchNorm):
 
 
 def train_kernels(layer, shape: Sequence[int]) -> int:
-    """The kernels of the compiled train step of a built Keras layer.
-
-    Counted in the entry computation of XLA's optimized program: every
-    instruction but parameters, constants, tuples and bitcasts (a fusion
-    is one kernel).
-    """
-    trainable = [v.value for v in layer.trainable_variables]
-    non_trainable = [v.value for v in layer.non_trainable_variables]
-
-    def step(x, dy, trainable, non_trainable):
-        def forward(x, trainable):
-            return layer.stateless_call(trainable, non_trainable, x, training=True)
-
-        y, vjp, new_non_trainable = jax.vjp(forward, x, trainable, has_aux=True)
-        return y, vjp(dy), new_non_trainable
-
-    x = jnp.ones(shape, jnp.float32)
-    text = jax.jit(step).lower(x, x, trainable, non_trainable).compile().as_text()
-    entry = text[text.index("ENTRY") :].split("\n}")[0]
-    free = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
-    return sum(op not in free for op in re.findall(r" = \S+ ([a-z-]+)\(", entry))
+    """The kernels of the compiled train step of a built Keras layer
+    (:func:`xla_programs.train_step_ops`)."""
+    return len(xla_programs.train_step_ops(layer, shape))
 
 
 def train_step(layer, shape: Sequence[int]) -> Callable[[object, object], object]:

@@ -34,8 +34,8 @@ import keras
 # Keras internals that a true copy must know: the graph map of functional
 # models, the base class of what Keras pickles, and the tracked containers.
 from keras.src.ops import function as keras_function
-from keras.src.trainers import trainer
 from keras.src.saving import keras_saveable, serialization_lib
+from keras.src.trainers import trainer
 from keras.src.utils import backend_utils, tracking
 
 from kerasbn.layer import BatchNorm

@@ -12,7 +12,6 @@ Run: ``KERAS_BACKEND=jax python -m pytest -q tests/test_backends_jax.py``.
 """
 
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -44,6 +43,9 @@ from conftest import (  # noqa: E402
 import kerasbn  # noqa: E402
 from kerasbn import backends  # noqa: E402
 from kerasbn.backends import jax as jax_backend  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import xla_programs  # noqa: E402  (the counts bench_layer.py --kernels prints)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 ROOT = Path(__file__).resolve().parents[1]
@@ -525,23 +527,6 @@ def test_fit_trains_a_conv_net_as_keras_bn_does(rng):
         record("JAX fit conv net weights vs Keras", w, w_ref)
 
 
-def _compiled_ops(layer, shape):
-    """The operations of the optimized XLA program of the layer's inference call
-    (parameters, constants, tuples and bitcasts aside)."""
-    trainable = [v.value for v in layer.trainable_variables]
-    non_trainable = [v.value for v in layer.non_trainable_variables]
-
-    def infer(x, trainable, non_trainable):
-        return layer.stateless_call(trainable, non_trainable, x, training=False)[0]
-
-    x = jnp.zeros(shape, jnp.float32)
-    text = jax.jit(infer).lower(x, trainable, non_trainable).compile().as_text()
-    entry = text[text.index("ENTRY") :].split("\n}")[0]
-    ignored = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
-    found = re.findall(r" = \S+ ([a-z-]+)\(", entry)
-    return sorted(op for op in found if op not in ignored)
-
-
 @pytest.mark.parametrize(
     "shape, axis", [((8, 6, 6, 16), -1), ((8, 16, 6, 6), 1), ((32, 100), -1)]
 )
@@ -552,62 +537,18 @@ def test_inference_compiles_to_the_program_of_keras_bn(shape, axis):
     )
     ours.build(shape)
     peer.build(shape)
-    assert _compiled_ops(ours, shape) == _compiled_ops(peer, shape)
-
-
-def _entry_ops(text):
-    """The operations of an optimized XLA program's entry computation
-    (parameters, constants, tuples and bitcasts aside)."""
-    entry = text[text.index("ENTRY") :].split("\n}")[0]
-    ignored = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
-    found = re.findall(r" = \S+ ([a-z-]+)\(", entry)
-    return sorted(op for op in found if op not in ignored)
-
-
-def _train_step_kernels(layer, shape):
-    """The kernels of a jitted train step: forward, VJP and the new moving
-    statistics, as Keras's JAX trainer runs a layer (``stateless_call``)."""
-    layer.build(shape)
-    trainable = [v.value for v in layer.trainable_variables]
-    non_trainable = [v.value for v in layer.non_trainable_variables]
-
-    def step(x, dy, trainable, non_trainable):
-        def forward(x, trainable):
-            return layer.stateless_call(trainable, non_trainable, x, training=True)
-
-        y, vjp, new_non_trainable = jax.vjp(forward, x, trainable, has_aux=True)
-        return y, vjp(dy), new_non_trainable
-
-    x = jnp.ones(shape, jnp.float32)
-    lowered = jax.jit(step).lower(x, x, trainable, non_trainable)
-    return _entry_ops(lowered.compile().as_text())
+    assert xla_programs.inference_ops(ours, shape) == xla_programs.inference_ops(
+        peer, shape
+    )
 
 
 @pytest.mark.parametrize("shape", [(32, 100), (32, 8, 8, 20), (256, 1024)])
 def test_train_step_with_its_finiteness_guard_compiles_to_no_more_kernels_than_keras_bn(
     shape,
 ):
-    ours = _train_step_kernels(kerasbn.BatchNorm(), shape)
-    peer = _train_step_kernels(keras.layers.BatchNormalization(), shape)
+    ours, peer = kerasbn.BatchNorm(), keras.layers.BatchNormalization()
+    ours.build(shape)
+    peer.build(shape)
+    ours = xla_programs.train_step_ops(ours, shape)
+    peer = xla_programs.train_step_ops(peer, shape)
     assert len(ours) <= len(peer), (ours, peer)
-
-
-@pytest.mark.parametrize("size", [1, 20, 32, 33, 100, 1000, 2049])
-def test_all_finite_of_the_jax_backend_matches_numpy(size):
-    from kerasbn.backends import jax as jax_backend
-
-    rng = np.random.default_rng(size)
-    base = rng.normal(0.0, 1e30, size).astype("float32")
-    cases = [base]
-    for position in {0, size // 2, size - 1}:
-        for bad in (np.nan, np.inf, -np.inf):
-            case = base.copy()
-            case[position] = bad
-            cases.append(case)
-    for case in cases:
-        for first, second in ((case, base), (base, case)):
-            expected = bool(np.all(np.isfinite(first)) and np.all(np.isfinite(second)))
-            got = jax.jit(jax_backend.all_finite)(
-                jnp.asarray(first), jnp.asarray(second)
-            )
-            assert bool(got) == expected, (size, first, second)

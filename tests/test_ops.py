@@ -137,7 +137,7 @@ def test_renorm_correction_matches_closed_form():
     assert (float(r), float(d)) == pytest.approx((1.2, 0.25))
 
 
-@pytest.mark.parametrize("size", [1, 20, 33, 100, 2049])
+@pytest.mark.parametrize("size", [1, 20, 32, 33, 100, 1000, 2049])
 def test_backend_all_finite_matches_numpy(size):
     from kerasbn import backends
 
