@@ -49,12 +49,13 @@ class Entry:
         keras_failures: check -> why Keras's own machinery fails it on this
             entry (``"from_config"``, ``"keras_file"``): the suite's reference
             for that check does not exist, so kerasbn's is expected to fail.
-        top_k_outputs: the model's outputs (keys of its output dict) that
-            are gathered by a top-k over scores. Where scores tie to float
-            rounding (random weights give D-FINE's 320 anchor scores nearly
-            equal), an evaluation in another order (a fold) may pick another
-            anchor, so those outputs jump by O(1) while the scores themselves
-            agree to rounding; the fold comparison leaves them out.
+        before_top_k: where the model gathers its results by a top-k over
+            scores (D-FINE keeps its best anchors as queries), the keys of
+            its backbone's output dict computed before that selection. With
+            random weights those scores tie to float rounding, so any
+            evaluation in another order (kerasbn's kernels, a fold) may pick
+            other anchors and move every later output by O(1); the suite
+            then compares these outputs (see :meth:`outputs`).
     """
 
     name: str
@@ -62,12 +63,22 @@ class Entry:
     inputs: Callable[[], np.ndarray | dict] = images
     skip: dict[str, str] = dataclasses.field(default_factory=dict)
     keras_failures: dict[str, str] = dataclasses.field(default_factory=dict)
-    top_k_outputs: tuple[str, ...] = ()
+    before_top_k: tuple[str, ...] = ()
 
     def build(self) -> keras.Model:
         """The model, with the same random weights in every run."""
         keras.utils.set_random_seed(0)
         return self.constructor()
+
+    def outputs(self, model: keras.Model, x, training: bool):
+        """What the suite compares: ``model(x, training=training)``, or for
+        an entry with ``before_top_k``, those outputs of its backbone (the
+        model itself, or a task's ``backbone``), which hold every BN."""
+        if not self.before_top_k:
+            return model(x, training=training)
+        backbone = model.backbone if isinstance(model, hub().Task) else model
+        outputs = backbone(x, training=training)
+        return {key: outputs[key] for key in self.before_top_k}
 
     def skip_reason(self, backend: str | None = None) -> str | None:
         """Why the entry does not run on ``backend`` (the active one if None)."""
@@ -379,15 +390,14 @@ KERAS_FAILURES = {
 }
 
 
-# Outputs gathered by a top-k over anchor scores (see Entry.top_k_outputs):
-# D-FINE's encoder keeps its best anchors, and every box derives from them.
-TOP_K_OUTPUTS = {
+# Outputs computed before a top-k selection (see Entry.before_top_k): D-FINE's
+# encoder scores its anchors, then keeps the best as the decoder's queries.
+BEFORE_TOP_K = {
     "DFine": (
-        "enc_topk_bboxes",
-        "init_reference_points",
-        "initial_reference_points",
-        "intermediate_reference_points",
-        "pred_boxes",
+        "encoder_last_hidden_state",
+        "encoder_hidden_states",
+        "enc_outputs_class",
+        "enc_outputs_coord_logits",
     ),
 }
 
@@ -397,7 +407,7 @@ def family_entries(family: str) -> tuple[Entry, Entry]:
     backbone, task_name, task_kwargs = FAMILIES[family]
     shared = {
         "keras_failures": KERAS_FAILURES.get(family, {}),
-        "top_k_outputs": TOP_K_OUTPUTS.get(family, ()),
+        "before_top_k": BEFORE_TOP_K.get(family, ()),
     }
     return (
         Entry(f"{family}Backbone", backbone, **shared),
