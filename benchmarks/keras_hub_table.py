@@ -27,7 +27,7 @@ run wrote); a ``-`` is a figure not measured.
 Usage::
 
     python benchmarks/keras_hub_table.py [--backends tensorflow jax torch]
-        [--models all|NAME,NAME] [--suite] [--load BACKEND=PATH ...]
+        [--models all|NAME,NAME] [--suite] [--load BACKEND=PATH ...] [--no-keras]
 """
 
 from __future__ import annotations
@@ -255,6 +255,11 @@ def main() -> None:
         metavar="BACKEND=PATH",
         help="kerasbn figures a run with KERASBN_KERAS_HUB_JSON=PATH wrote",
     )
+    parser.add_argument(
+        "--no-keras",
+        action="store_true",
+        help="leave out Keras's own figures (the first table): kerasbn's only",
+    )
     parser.add_argument("--save", help=argparse.SUPPRESS)  # a child's folder
     parser.add_argument("--load-saved", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -264,7 +269,9 @@ def main() -> None:
         return
 
     start = time.perf_counter()
-    references = {b: keras_figures(b, args.models) for b in args.backends}
+    references = {
+        b: {} if args.no_keras else keras_figures(b, args.models) for b in args.backends
+    }
     loaded = dict(item.split("=", 1) for item in args.load)
     with tempfile.TemporaryDirectory() as folder:
         ours = {
@@ -280,25 +287,33 @@ def main() -> None:
     for backend, reason in failed.items():
         print(f"{backend}: the child failed: {reason}")
         references[backend] = {}
-    names = list(dict.fromkeys(n for f in references.values() for n in f))
+    sources = [*references.values(), *ours.values()]
+    names = list(dict.fromkeys(n for f in sources for n in f))
     first = {n: next((f[n] for f in references.values() if "bn" in f.get(n, {})), {})
              for n in names}  # fmt: skip
-    totals = {n: first[n].get("bn", "-") for n in names}
-    lines = table(
-        "Keras's own machinery: build time, from_config, .keras round trip",
-        ["model", "class", "BN (graph nodes)", "weights", *args.backends],
-        [
+    counted = {n: next((f[n]["bn total"] for f in ours.values()
+                        if "bn total" in f.get(n, {})), "-")
+               for n in names}  # fmt: skip
+    totals = {n: first[n].get("bn", counted[n]) for n in names}
+    lines = (
+        []
+        if args.no_keras
+        else table(
+            "Keras's own machinery: build time, from_config, .keras round trip",
+            ["model", "class", "BN (graph nodes)", "weights", *args.backends],
             [
-                n,
-                first[n].get("class", "-"),
-                f"{totals[n]} ({first[n].get('bn_graph', '-')})",
-                text(first[n].get("weights")),
-                *(keras_cell(references[b].get(n, {})) for b in args.backends),
-            ]
-            for n in names
-        ],
+                [
+                    n,
+                    first[n].get("class", "-"),
+                    f"{totals[n]} ({first[n].get('bn_graph', '-')})",
+                    text(first[n].get("weights")),
+                    *(keras_cell(references[b].get(n, {})) for b in args.backends),
+                ]
+                for n in names
+            ],
+        )
     )
-    lines += [""] + table(
+    lines += [""] * bool(lines) + table(
         "kerasbn: found/swapped of total, class kept, inference / training / "
         "fold, recalibrated of total, .keras reload",
         ["model", *args.backends],

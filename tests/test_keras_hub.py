@@ -152,6 +152,7 @@ def test_from_keras_swaps_every_bn_and_keeps_the_model(entry, model, converted, 
     found = all_batch_norms(converted)
     swapped = [b for b in found if isinstance(b, kerasbn.BatchNorm)]
     kept = type(converted) is type(model)
+    figure(entry.name, "bn total", total)
     figure(entry.name, "bn found", len(found))
     figure(entry.name, "bn swapped", len(swapped))
     figure(entry.name, "class kept", kept)
