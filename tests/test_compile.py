@@ -74,3 +74,7 @@ def test_graph_breaks_are_no_more_than_keras_bn(shape, training):
         ]
         assert name != "kerasbn" or not data_dependent, data_dependent
     assert breaks["kerasbn"] <= breaks["keras"], breaks
+    # kerasbn's own count: one break in training, which dynamo gives no
+    # reason for, and none in inference. A module import or a host read in
+    # the layer's call (a backend lookup did both once) adds breaks.
+    assert breaks["kerasbn"] <= (1 if training else 0), breaks

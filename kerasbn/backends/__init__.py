@@ -18,6 +18,7 @@ import keras
 from kerasbn import ops
 
 _MODULES = ("tensorflow", "jax", "torch")
+_LOADED: dict[str, ModuleType] = {}
 
 
 def current() -> ModuleType | None:
@@ -25,7 +26,10 @@ def current() -> ModuleType | None:
     name = keras.backend.backend()
     if name not in _MODULES:
         return None
-    return importlib.import_module(f"kerasbn.backends.{name}")
+    module = _LOADED.get(name)
+    if module is None:  # imported once: torch.compile breaks its graph at an import
+        module = _LOADED[name] = importlib.import_module(f"kerasbn.backends.{name}")
+    return module
 
 
 def implementation(x, axes: Sequence[int], mask=None):
