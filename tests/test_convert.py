@@ -83,7 +83,7 @@ def keras_model():
 
 def test_from_keras_swaps_every_bn_in_nested_models_keeping_weights(rng, keras_model):
     converted = kerasbn.from_keras(keras_model)
-    assert_swapped_layers(converted, keras_model, KERAS_BN, kerasbn.BatchNorm)
+    assert_swapped_layers(converted, keras_model, KERAS_BN, kerasbn.BatchNormalization)
     assert_same_predictions(converted, keras_model, rng, "from_keras")
 
 
@@ -184,10 +184,10 @@ def test_from_keras_handles_op_nodes_shared_layers_nested_models_and_keyword_cal
     names = {type(layer): [] for layer in all_leaf_layers(converted)}
     for layer in all_leaf_layers(converted):
         names[type(layer)].append(layer.name)
-    assert sorted(names[kerasbn.BatchNorm]) == sorted(
+    assert sorted(names[kerasbn.BatchNormalization]) == sorted(
         layer.name for layer in all_leaf_layers(model) if isinstance(layer, KERAS_BN)
     )
-    assert len(names[kerasbn.BatchNorm]) == 6 and KERAS_BN not in names
+    assert len(names[kerasbn.BatchNormalization]) == 6 and KERAS_BN not in names
     assert len(converted.weights) == len(model.weights)  # the conv is still shared
     x = graph_inputs(rng)
     actual, expected = converted(x, training=training), model(x, training=training)

@@ -132,7 +132,7 @@ def test_from_keras_swaps_every_bn_keeps_class_paths_and_matches_keras(rng, in_p
     converted = kerasbn.from_keras(model, in_place=in_place)
     assert (converted is model) is in_place
     assert type(converted) is Net and converted.name == "net"
-    assert set(bn_classes(converted).values()) == {kerasbn.BatchNorm}
+    assert set(bn_classes(converted).values()) == {kerasbn.BatchNormalization}
     assert paths(converted) == before
     assert converted.unused is not None and not converted.unused.built
     if not in_place:  # the original is untouched

@@ -267,9 +267,9 @@ RELOAD = textwrap.dedent(
     folder = sys.argv[1]
     saved = np.load(folder + "/saved.npz")
     model = kerasbn.load_model(folder + "/model.keras")
-    kinds = {type(bn).__name__ for bn in model._flatten_layers()
+    kinds = {type(bn) for bn in model._flatten_layers()
              if isinstance(bn, (keras.layers.BatchNormalization, kerasbn.BatchNorm))}
-    assert kinds == {"BatchNorm"}, kinds
+    assert kinds == {kerasbn.BatchNormalization}, kinds
     # By position: a custom layer built inside a functional construction has
     # weight paths that depend on that context, for Keras's own BN too.
     weights = [keras.ops.convert_to_numpy(w) for w in model.weights]
