@@ -31,6 +31,25 @@ from kerasbn import _keras_internals as internals
 from kerasbn._copier import Copier, CopyError
 from kerasbn.layer import BatchNorm
 
+__all__ = [
+    "BATCH_NORMS",
+    "Graphs",
+    "add_weight_in_place",
+    "batch_norms",
+    "build_like",
+    "check_model",
+    "compile_like",
+    "copy_model",
+    "forget_compiled_functions",
+    "fresh_optimizer",
+    "is_plain_graph",
+    "keep_one_node_per_call",
+    "models",
+    "transplant",
+    "walk",
+    "without",
+]
+
 BATCH_NORMS = (BatchNorm, keras.layers.BatchNormalization)
 
 

@@ -26,6 +26,8 @@ import keras
 from kerasbn import _graph
 from kerasbn.layer import BatchNorm, BatchNormalization
 
+__all__ = ["from_keras", "load_model", "to_keras"]
+
 # The classes each swap converts; their subclasses are left with a warning.
 _KERAS_KINDS = (keras.layers.BatchNormalization,)
 _KERASBN_KINDS = (BatchNorm, BatchNormalization)

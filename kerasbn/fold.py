@@ -18,6 +18,8 @@ from keras import ops
 from kerasbn import _graph
 from kerasbn.layer import BatchNorm
 
+__all__ = ["Absorbed", "ChannelAffine", "FoldReport", "fold_batch_norms"]
+
 _BATCH_NORMS = (BatchNorm, keras.layers.BatchNormalization)
 # Layers whose kernel ends with the output channels; depthwise kernels end with
 # (input channels, depth multiplier), whose product is the output channels.

@@ -17,6 +17,8 @@ from kerasbn import _graph
 from kerasbn.convert import from_keras
 from kerasbn.layer import BatchNorm
 
+__all__ = ["freeze_batch_norms"]
+
 
 def freeze_batch_norms(model: keras.Model, train_affine: bool = False) -> keras.Model:
     """Freezes the statistics of every BN layer of ``model``, at any depth, in place.

@@ -8,6 +8,8 @@ from keras import constraints, initializers, ops, regularizers
 from kerasbn import _checks, backends
 from kerasbn import ops as bn_ops
 
+__all__ = ["BatchNorm", "BatchNormalization"]
+
 
 def _average_groups(group_axis, *statistics):
     """The statistics averaged over ``group_axis`` (dropped), or as they are."""
