@@ -407,6 +407,9 @@ def compile_like(new: keras.Model, original: keras.Model, copier=None) -> None:
     arguments.pop("optimizer", None)
     copier = copier or Copier(internals.copy_rule, describe=_describe)
     arguments = copier.copy(arguments, "the compile arguments")
+    for metric in keras.tree.flatten(arguments):  # compiled anew: fresh state
+        if isinstance(metric, keras.metrics.Metric):
+            metric.reset_state()
     optimizer = getattr(original, "optimizer", None)
     optimizer = None if optimizer is None else fresh_optimizer(optimizer)
     keras.Model.compile(new, optimizer=optimizer, **arguments)
