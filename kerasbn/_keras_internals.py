@@ -158,8 +158,11 @@ _NEEDS = {
         "KerasTensor._keras_history",
         "ops.function.map_graph",
     ),
-    "copy": ("saving.KerasSaveable", "utils.tracking.Tracker"),
-    "compile": ("Trainer._compile_config",),
+    "copy": (
+        "saving.KerasSaveable",
+        "utils.tracking.Tracker",
+        "Trainer._compile_config",
+    ),
 }
 
 
@@ -172,8 +175,8 @@ def require(function: str, model, *needs: str) -> None:
     Args:
         function: the tool's name, for the message.
         model: the model the tool was given.
-        *needs: groups of internals: ``"tree"``, ``"transplant"``,
-            ``"graph"``, ``"copy"``, ``"compile"``.
+        *needs: groups of internals: ``"tree"`` (always), ``"transplant"``,
+            ``"graph"``, ``"copy"``.
 
     Raises:
         KerasInternalsError: naming the internal, what it is for and the
