@@ -30,6 +30,7 @@ import warnings
 
 import keras
 
+from kerasbn import _graph
 from kerasbn.layer import BatchNorm
 
 __all__ = ["load_legacy_model", "translate_training_config"]
@@ -158,6 +159,11 @@ def load_legacy_model(path, **kwargs) -> keras.Model:
             + " The model is loaded uncompiled: compile it before training.",
             stacklevel=2,
         )
+    if factory.keras2 and model.compiled:
+        # Keras 3 restores no tf_keras optimizer state, and builds the new
+        # optimizer over the model's own variable list (empty for a
+        # functional model): compile anew with a fresh, unbuilt optimizer.
+        _graph.compile_like(model, model)
     factory.mark_fused_layers()
     return model
 
@@ -260,11 +266,12 @@ def _translate(node, module, dropped: list[str], where: str):
         }
     translated = _translate_object(node)
     try:
-        if not (isinstance(translated, str) and translated in _SPECIAL_METRICS):
-            if isinstance(translated, str):
+        if isinstance(translated, str):
+            if translated not in _SPECIAL_METRICS:
                 module.get(translated)
-            else:
-                module.deserialize(translated)
+        elif isinstance(module.deserialize(translated), str):
+            # (Keras returns the class name it could not find.)
+            raise ValueError(f"Keras 3 has no {translated.get('class_name')!r}")
     except (TypeError, ValueError) as error:
         dropped.append(f"{where} {node!r} ({error})")
         return None
