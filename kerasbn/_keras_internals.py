@@ -379,6 +379,8 @@ def copy_rule(obj) -> Callable | None:
     """
     if _DYNAMIC_BACKEND is not None and isinstance(obj, _DYNAMIC_BACKEND):
         return _shared
+    if type(obj).__module__ == _TF_DATA_STRUCTURES:
+        return _copy_tf_wrapper
     if isinstance(obj, _KERAS_SAVEABLE or ()):
         return _copy_keras_object
     if isinstance(obj, _TRACKER or ()):
@@ -386,6 +388,32 @@ def copy_rule(obj) -> Callable | None:
     if isinstance(obj, _TRACKED_CONTAINERS):
         return _copy_tracked_container
     return None
+
+
+# TensorFlow wraps lists, dicts and tuples assigned to a trackable object
+# (ListWrapper, _DictWrapper, _TupleWrapper); their own __deepcopy__ copies
+# their items with copy.deepcopy, which would pickle a Keras layer among
+# them by saving a file. Detected by module; TensorFlow is not imported.
+_TF_DATA_STRUCTURES = "tensorflow.python.trackable.data_structures"
+_TF_WRAPPER_FLAGS = (
+    "_non_append_mutation",
+    "_external_modification",
+    "_self_external_modification",
+    "_self_non_string_key",
+)
+
+
+def _copy_tf_wrapper(obj, copier):
+    """A TensorFlow data-structure wrapper made as its ``__deepcopy__`` makes
+    it, around a copy of its items made by the copier."""
+    wrapped = getattr(obj, "__wrapped__", None)
+    inner = wrapped if wrapped is not None else obj._storage
+    duplicate = type(obj)((yield ".__wrapped__", inner))
+    for flag in _TF_WRAPPER_FLAGS:
+        if flag in dir(obj):
+            setattr(duplicate, flag, getattr(obj, flag))
+    copier.remember(obj, duplicate)
+    return duplicate
 
 
 def _shared(obj, copier):
