@@ -204,9 +204,10 @@ def transplant(layer, fresh, keep_variables: bool) -> None:
             values, paths and optimizer slots. False: ``layer``'s variables
             are dropped and ``fresh``'s taken.
     """
-    variables = {k for k, v in vars(fresh).items() if isinstance(v, keras.Variable)}
+    is_variable = internals.VARIABLE_TYPES
+    variables = {k for k, v in vars(fresh).items() if isinstance(v, is_variable)}
     if keep_variables:
-        own = {k for k, v in vars(layer).items() if isinstance(v, keras.Variable)}
+        own = {k for k, v in vars(layer).items() if isinstance(v, is_variable)}
         if own != variables:
             raise ValueError(
                 f"Layer {layer.name!r} holds the variables {sorted(own)}, but a "
@@ -214,7 +215,7 @@ def transplant(layer, fresh, keep_variables: bool) -> None:
             )
     else:
         for key, value in list(vars(layer).items()):
-            if isinstance(value, keras.Variable):
+            if isinstance(value, is_variable):
                 # Keras's own __delattr__ would also run gc.collect(), 0.3 s
                 # a variable in a large process.
                 internals.untrack_variable(layer, value)

@@ -24,6 +24,7 @@ import keras
 __all__ = [
     "IDENTITY_ATTRIBUTES",
     "KerasInternalsError",
+    "VARIABLE_TYPES",
     "compile_arguments",
     "copy_rule",
     "graph_nodes",
@@ -68,6 +69,11 @@ _TRACKED_CONTAINERS = tuple(
     )
     if cls is not None
 )
+# KerasVariable: the base of every backend's variable class. keras.Variable
+# is that base from 3.4; in 3.3 it is a separate export that no layer's
+# variable is an instance of. 3.3-3.15.
+_KERAS_VARIABLE = _optional("backend.common.variables", "KerasVariable")
+VARIABLE_TYPES = tuple({keras.Variable, _KERAS_VARIABLE} - {None})
 # DynamicBackend: a stateless backend selector held by preprocessing layers,
 # shared by a copy; no public name. 3.3-3.15.
 _DYNAMIC_BACKEND = _optional("utils.backend_utils", "DynamicBackend")
@@ -357,6 +363,15 @@ _PER_OBJECT = ("build", "quantize")
 # (symbolic tensors after a traced fit, non-leaf torch tensors). Layer
 # attributes, 3.3-3.15.
 _TRANSIENT = {"_losses": list, "_loss_ids": set, "_losses_override": list}
+# The JAX trainer's record of its variables' device shardings, set by
+# fit/evaluate/predict (jax Device objects, which cannot be copied):
+# the copy's next fit records its own. JAXTrainer attributes, 3.3-3.15.
+_SHARDINGS = (
+    "_trainable_variable_shardings",
+    "_non_trainable_variable_shardings",
+    "_optimizer_variable_shardings",
+    "_metrics_variable_shardings",
+)
 # Compiled functions: a copy compiles its own. Public attributes, but on
 # TensorFlow the model's checkpoint dependency records (AutoTrackable's
 # _self_unconditional_* internals) also name them. 3.3-3.15.
@@ -443,7 +458,7 @@ def _attributes(obj) -> Iterable[tuple[str, object, bool]]:
             continue
         if key in _TRANSIENT:
             yield key, _TRANSIENT[key](), False
-        elif key in _COMPILED:
+        elif key in _COMPILED or key in _SHARDINGS:
             yield key, None, False
         elif key == _TF_DEPENDENCY_NAMES and isinstance(value, dict):
             yield key, {k: v for k, v in value.items() if k not in _COMPILED}, True

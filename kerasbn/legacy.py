@@ -222,7 +222,10 @@ def translate_training_config(config: dict) -> tuple[dict | None, list[str]]:
     loss = _translate(config.get("loss"), keras.losses, dropped, "loss")
     translated["loss"] = loss
     for key in ("metrics", "weighted_metrics"):
-        translated[key] = _translate(config.get(key), keras.metrics, dropped, key)
+        metrics = _translate(config.get(key), keras.metrics, dropped, key)
+        if isinstance(metrics, list) and len(metrics) == 1:
+            metrics = metrics[0]  # tf_keras's list per output, for one output
+        translated[key] = metrics
     return (None if dropped else translated), dropped
 
 

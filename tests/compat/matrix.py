@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[2])]
 from check_tools import CHECKS  # noqa: E402
 from envs import ROOT, ROWS, create, python_of  # noqa: E402
 
