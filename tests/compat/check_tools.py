@@ -61,7 +61,7 @@ class Net(keras.Model):
 
 
 def close(a, b, tol=1e-5):
-    a, b = np.asarray(a, "f8"), np.asarray(b, "f8")
+    a, b = (np.asarray(keras.ops.convert_to_numpy(t), "f8") for t in (a, b))
     return float(np.max(np.abs(a - b))) <= tol * max(1.0, float(np.max(np.abs(b))))
 
 
