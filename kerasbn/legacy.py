@@ -23,6 +23,7 @@ exists for that one framework's files and imports h5py when it is called.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -128,8 +129,8 @@ def load_legacy_model(path, **kwargs) -> keras.Model:
         config = factory.rewrite(json.loads(_text(source.attrs["model_config"])))
         dropped: list[str] = []
         with tempfile.TemporaryDirectory() as folder:
-            copy = os.path.join(folder, "model.h5")
-            with h5py.File(copy, "w") as target:
+            rewritten = os.path.join(folder, "model.h5")
+            with h5py.File(rewritten, "w") as target:
                 for key, value in source.attrs.items():
                     target.attrs[key] = value
                 target.attrs["model_config"] = json.dumps(config)
@@ -150,7 +151,7 @@ def load_legacy_model(path, **kwargs) -> keras.Model:
                 _reshape_weights(h5py, weights, factory.weight_axes)
             custom_objects[_CLASS] = factory
             model = keras.models.load_model(
-                copy, custom_objects=custom_objects, **kwargs
+                rewritten, custom_objects=custom_objects, **kwargs
             )
     if dropped and kwargs.get("compile", True):
         warnings.warn(
@@ -241,7 +242,7 @@ def _optimizer_config(config):
     }
     translated = {**config, "class_name": name, "config": arguments}
     try:
-        optimizer = keras.optimizers.deserialize(translated)
+        optimizer = keras.optimizers.deserialize(copy.deepcopy(translated))
     except (TypeError, ValueError):
         return None
     return translated if isinstance(optimizer, keras.optimizers.Optimizer) else None
@@ -272,7 +273,7 @@ def _translate(node, module, dropped: list[str], where: str):
         if isinstance(translated, str):
             if translated not in _SPECIAL_METRICS:
                 module.get(translated)
-        elif isinstance(module.deserialize(translated), str):
+        elif isinstance(module.deserialize(copy.deepcopy(translated)), str):
             # (Keras returns the class name it could not find.)
             raise ValueError(f"Keras 3 has no {translated.get('class_name')!r}")
     except (TypeError, ValueError) as error:
