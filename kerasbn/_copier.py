@@ -93,6 +93,12 @@ class Copier:
         for obj in objects:
             self.remember(obj, obj)
 
+    @staticmethod
+    def is_atomic(obj) -> bool:
+        """Whether ``obj`` is its own copy (numbers, strings, functions...)."""
+        cls = type(obj)
+        return cls in _ATOMIC or issubclass(cls, type)
+
     def finally_(self, action: Callable[[], None]) -> None:
         """Runs ``action`` once the whole copy is made."""
         self._finally.append(action)
@@ -145,10 +151,7 @@ class Copier:
         found = self.memo.get(id(obj), _PENDING)
         if found is not _PENDING:
             return found
-        cls = type(obj)
-        if cls in _ATOMIC or issubclass(cls, type):
-            return obj
-        return _PENDING
+        return obj if self.is_atomic(obj) else _PENDING
 
     def _task(self, obj) -> Generator:
         rule = self._rule(obj)

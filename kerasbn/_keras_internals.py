@@ -470,11 +470,18 @@ def _attributes(obj) -> Iterable[tuple[str, object, bool]]:
 
 
 def _copy_keras_object(obj, copier):
+    """Atomic attributes (its name, flags) first, so that the copy, while its
+    other attributes are being copied, already hashes and prints as Keras
+    expects (it may be met again, as a dict key, before it is complete)."""
     duplicate = _new_shell(obj, copier)
+    pending = []
     for key, value, deep in list(_attributes(obj)):
-        if deep:
-            value = yield f".{key}", value
-        object.__setattr__(duplicate, key, value)
+        if deep and not copier.is_atomic(value):
+            pending.append((key, value))
+        else:
+            object.__setattr__(duplicate, key, value)
+    for key, value in pending:
+        object.__setattr__(duplicate, key, (yield f".{key}", value))
     return duplicate
 
 
