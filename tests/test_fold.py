@@ -139,7 +139,9 @@ def channels_first_conv_fails() -> str:
     try:
         model.predict(np.zeros((1, 2, 3, 3), "float32"), verbose=0)
     except Exception as error:  # the backend's own error type
-        return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        told = [line for line in lines if "NHWC" in line or "support" in line]
+        return f"{type(error).__name__}: {(told or lines or [''])[-1][:200]}"
     return ""
 
 
