@@ -322,6 +322,7 @@ def test_export_and_tflite_of_folded_model_have_no_batch_norm_ops(tmp_path, rng)
 
 
 def test_bench_fold_script_runs_and_its_variants_agree(tmp_path):
+    pytest.importorskip("tensorflow", reason="benchmarks/bench_fold.py imports it")
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
     sys.path.insert(0, str(benchmarks))  # the script imports its harness
     spec = importlib.util.spec_from_file_location(
