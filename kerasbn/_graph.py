@@ -133,6 +133,8 @@ def copy_model(model: keras.Model, function: str) -> keras.Model:
     try:
         duplicate = copier.copy(model, f"{type(model).__name__} {model.name!r}")
         keep_one_node_per_call(duplicate)  # and new node keys (they hold ids)
+        for _, layer in walk(duplicate):
+            internals.rekey_torch_parameters(layer)
         for original, new in zip(models(model), models(duplicate)):
             compile_like(new, original, copier)
     except CopyError as error:

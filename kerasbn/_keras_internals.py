@@ -36,6 +36,7 @@ __all__ = [
     "parent_path",
     "producer",
     "refresh_node_keys",
+    "rekey_torch_parameters",
     "require",
     "run_through_graph",
     "set_parent_path",
@@ -336,6 +337,16 @@ def refresh_node_keys(graph) -> None:
     as Function.__init__ sets it. 3.3-3.15."""
     nodes = _MAP_GRAPH(graph._inputs, graph._outputs)[0]
     object.__setattr__(graph, "_nodes", nodes)
+
+
+def rekey_torch_parameters(layer) -> None:
+    """Re-keys a copied layer's torch parameter dict where Keras keys it by
+    the variables' ids (older Keras on PyTorch; later ones key it by path):
+    the copy's variables have new ids. TorchLayer.torch_params and
+    _track_variables, Keras 3.3-3.15 (keyed by id before about 3.6)."""
+    params = (vars(layer).get("_modules") or {}).get("torch_params")  # a submodule
+    if params is not None and any(key.isdigit() for key in params.keys()):
+        layer._track_variables()
 
 
 # -------------------------------------------------------------------- compile
