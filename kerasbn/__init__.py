@@ -3,12 +3,10 @@
 from kerasbn.convert import from_keras, load_model, to_keras
 from kerasbn.fold import fold_batch_norms
 from kerasbn.freeze import freeze_batch_norms
-from kerasbn.layer import BatchNorm
+from kerasbn.layer import BatchNorm, BatchNormalization
 from kerasbn.legacy import load_legacy_model
 from kerasbn.recalibrate import recalibrate
 from kerasbn.torch_interop import from_torch, to_torch
-
-BatchNormalization = BatchNorm
 
 __all__ = [
     "BatchNorm",

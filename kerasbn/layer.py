@@ -8,6 +8,8 @@ from keras import constraints, initializers, ops, regularizers
 from kerasbn import _checks, backends
 from kerasbn import ops as bn_ops
 
+__all__ = ["BatchNorm", "BatchNormalization"]
+
 
 def _average_groups(group_axis, *statistics):
     """The statistics averaged over ``group_axis`` (dropped), or as they are."""
@@ -412,3 +414,27 @@ class BatchNorm(keras.layers.Layer):
             "unbiased_moving_variance": self.unbiased_moving_variance,
         }
         return {**super().get_config(), **config}
+
+
+@keras.saving.register_keras_serializable(package="kerasbn")
+class BatchNormalization(BatchNorm):
+    """:class:`BatchNorm` under Keras's class name; what ``kerasbn.from_keras`` makes.
+
+    It is ``BatchNorm`` in every way but its name, which is that of
+    ``keras.layers.BatchNormalization``: unnamed layers are named
+    ``batch_normalization``, ``batch_normalization_1``..., as Keras's are, and
+    Keras's saving, which files a layer held in a list, dict or
+    ``Sequential`` under its class name, files this one where a Keras BN
+    layer's statistics go. So the ``.keras`` file of a model whose Keras BN
+    layers became this class loads with plain ``keras.models.load_model``
+    wherever the original's did, even where the model's own code creates
+    ``keras.layers.BatchNormalization`` on loading. Write
+    ``from kerasbn import BatchNormalization`` for a drop-in with Keras's
+    names and weight paths.
+
+    Example:
+        >>> import kerasbn
+        >>> layer = kerasbn.BatchNormalization(momentum=0.9)
+        >>> isinstance(layer, kerasbn.BatchNorm), layer.name.startswith("batch_normalization")
+        (True, True)
+    """

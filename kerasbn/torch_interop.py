@@ -24,6 +24,7 @@ from decimal import Decimal
 import keras
 import numpy as np
 
+from kerasbn import _checks
 from kerasbn.layer import BatchNorm
 
 DATA_FORMATS = ("channels_last", "channels_first")
@@ -223,8 +224,9 @@ def to_torch(layer: BatchNorm):
             f"to_torch needs a built layer (its input rank and channel count); "
             f"{layer.name!r} is not built. Call it on an input or build it first."
         )
-    rank = len(layer.get_build_config()["input_shape"])
-    channels = layer._channel_axes
+    input_shape = layer.get_build_config()["input_shape"]
+    rank = len(input_shape)
+    channels = _checks.channel_axes(layer.axis, input_shape)
     if channels not in ([1], [rank - 1]):
         raise ValueError(
             "torch's BN modules normalize one channel axis, first or last; got "
