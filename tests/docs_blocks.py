@@ -16,6 +16,11 @@ The convention (also in CONTRIBUTING.md):
 
   ``<!-- docs-test: backends tensorflow jax -->``
       runs the block on these backends only (names separated by spaces).
+  ``<!-- docs-test: process -->``
+      runs the block in a fresh Python process, for a block that sets up
+      process-wide state (a ``tf.distribute`` strategy, a
+      ``keras.distribution``, a ``torch.distributed`` process group). It
+      combines with ``backends``: ``<!-- docs-test: backends jax process -->``.
   ``<!-- docs-test: skip because ... -->``
       never runs it; the reason after ``skip`` is required and is shown as
       the test's skip reason. Use it sparingly.
@@ -67,6 +72,7 @@ class Block:
         code: the block's source, dedented to the fence's indentation.
         backends: the backends it runs on (all three unless a marker says).
         skip: the reason it is never run, or None.
+        process: whether it runs in a fresh Python process.
     """
 
     path: str
@@ -75,6 +81,7 @@ class Block:
     code: str
     backends: tuple[str, ...]
     skip: str | None
+    process: bool = False
 
     @property
     def name(self) -> str:
@@ -92,17 +99,9 @@ def documentation_files() -> list[pathlib.Path]:
     return [page for page in pages if page.exists()]
 
 
-def _parse_marker(body: str, where: str) -> tuple[tuple[str, ...], str | None]:
+def _parse_marker(body: str, where: str) -> tuple[tuple[str, ...], str | None, bool]:
+    """``(backends, skip reason, process)`` from a marker's text."""
     words = body.split()
-    if words and words[0] == "backends":
-        names = tuple(words[1:])
-        unknown = [name for name in names if name not in BACKENDS]
-        if not names or unknown:
-            raise ConventionError(
-                f"{where}: `docs-test: backends` takes one or more of "
-                f"{' '.join(BACKENDS)}; got {body!r}."
-            )
-        return names, None
     if words and words[0] == "skip":
         reason = body[len("skip") :].strip()
         if not reason:
@@ -110,11 +109,32 @@ def _parse_marker(body: str, where: str) -> tuple[tuple[str, ...], str | None]:
                 f"{where}: `docs-test: skip` needs a reason, e.g. "
                 "`<!-- docs-test: skip because it needs two machines -->`."
             )
-        return BACKENDS, reason
-    raise ConventionError(
-        f"{where}: unknown marker {body!r}; use `docs-test: backends NAME...` or "
-        "`docs-test: skip because ...`."
-    )
+        return BACKENDS, reason, False
+    backends: tuple[str, ...] | None = None
+    process = False
+    i = 0
+    while i < len(words):
+        if words[i] == "process" and not process:
+            process, i = True, i + 1
+        elif words[i] == "backends" and backends is None:
+            names = []
+            i += 1
+            while i < len(words) and words[i] in BACKENDS:
+                names.append(words[i])
+                i += 1
+            if not names or (i < len(words) and words[i] != "process"):
+                raise ConventionError(
+                    f"{where}: `docs-test: backends` takes one or more of "
+                    f"{' '.join(BACKENDS)}; got {body!r}."
+                )
+            backends = tuple(names)
+        else:
+            raise ConventionError(
+                f"{where}: unknown marker {body!r}; use `docs-test: backends "
+                "NAME...`, `docs-test: process` (or both), or `docs-test: skip "
+                "because ...`."
+            )
+    return backends or BACKENDS, None, process
 
 
 def blocks(path: pathlib.Path) -> list[Block]:
@@ -128,7 +148,7 @@ def blocks(path: pathlib.Path) -> list[Block]:
     lines = path.read_text(encoding="utf-8").splitlines()
     found: list[Block] = []
     section = ""
-    marker: tuple[int, tuple[str, ...], str | None] | None = None
+    marker: tuple[int, tuple[str, ...], str | None, bool] | None = None
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -155,11 +175,13 @@ def blocks(path: pathlib.Path) -> list[Block]:
                     "so that the docs test runs it (or `text` for output)."
                 )
             if language == "python":
-                backends, skip = BACKENDS, None
+                backends, skip, process = BACKENDS, None, False
                 if marker is not None:
-                    backends, skip = marker[1], marker[2]
+                    backends, skip, process = marker[1:]
                 code = "\n".join(body) + "\n"
-                found.append(Block(relative, i + 1, section, code, backends, skip))
+                found.append(
+                    Block(relative, i + 1, section, code, backends, skip, process)
+                )
             elif marker is not None:
                 raise ConventionError(
                     f"{relative}:{marker[0]}: a docs-test marker must come right "

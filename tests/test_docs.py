@@ -8,7 +8,10 @@ object, the version is written once, and the package ships its license.
 """
 
 import configparser
+import os
 import re
+import subprocess
+import sys
 
 import docs_blocks
 import keras
@@ -49,10 +52,29 @@ def fresh_keras(tmp_path, monkeypatch):
 def test_code_block_runs(block, fresh_keras):
     if block.skip:
         pytest.skip(f"{block.name}: {block.skip}")
+    if block.process:
+        _run_in_a_fresh_process(block)
+        return
     code = compile(
         block.code, str(ROOT / block.path) + f" (block at line {block.line})", "exec"
     )
     exec(code, {"__name__": "__main__"})
+
+
+def _run_in_a_fresh_process(block):
+    env = dict(os.environ, KERAS_BACKEND=BACKEND)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), env.get("PYTHONPATH")])
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", block.code],
+        env=env,
+        cwd=os.getcwd(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, f"{block.name} failed:\n{done.stderr[-3000:]}"
 
 
 def test_every_page_follows_the_block_convention():
@@ -72,6 +94,8 @@ def test_every_page_follows_the_block_convention():
         ("<!-- docs-test: backends theano -->\n```python\npass\n```\n", "one or more"),
         ("<!-- docs-test: skip -->\n```python\npass\n```\n", "needs a reason"),
         ("<!-- docs-test: run twice -->\n```python\npass\n```\n", "unknown marker"),
+        ("<!-- docs-test: backends jax twice -->\n```python\npass\n```\n", "one or"),
+        ("<!-- docs-test: process process -->\n```python\npass\n```\n", "unknown"),
         ("```py\npass\n```\n", "write `python`"),
         (
             "<!-- docs-test: backends jax -->\n\nSome text.\n```python\npass\n```\n",
@@ -97,13 +121,16 @@ def test_markers_set_backends_and_skips(tmp_path, monkeypatch):
         "    <!-- docs-test: backends jax torch -->\n    ```python\n    b = 2\n    ```\n\n"
         "<!-- docs-test: skip because it needs two machines -->\n```python\nc = 3\n```\n"
         "```bash\necho not python\n```\n"
+        "<!-- docs-test: process backends torch -->\n```python\nd = 4\n```\n"
     )
     found = docs_blocks.blocks(path)
-    assert [(b.line, b.section, b.code, b.backends, b.skip) for b in found] == [
-        (5, "Start", "a = 1\n", docs_blocks.BACKENDS, None),
-        (12, "Start", "b = 2\n", ("jax", "torch"), None),
-        (17, "Start", "c = 3\n", docs_blocks.BACKENDS, "because it needs two machines"),
+    assert [(b.line, b.code, b.backends, b.skip, b.process) for b in found] == [
+        (5, "a = 1\n", docs_blocks.BACKENDS, None, False),
+        (12, "b = 2\n", ("jax", "torch"), None, False),
+        (17, "c = 3\n", docs_blocks.BACKENDS, "because it needs two machines", False),
+        (24, "d = 4\n", ("torch",), None, True),
     ]
+    assert {b.section for b in found} == {"Start"}
 
 
 def test_the_readme_quick_start_is_one_block_for_every_backend():
@@ -197,3 +224,18 @@ def test_links_of_the_top_level_pages_resolve(page):
         if anchor:
             headings = re.findall(r"^#{1,6}\s+(.*)$", file.read_text(), re.M)
             assert anchor in {_slug(h) for h in headings}, f"{page}: {target}"
+
+
+def test_a_failing_block_fails_its_test_in_a_fresh_process_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    block = docs_blocks.Block(
+        "page.md",
+        3,
+        "",
+        "raise ValueError('broken')\n",
+        docs_blocks.BACKENDS,
+        None,
+        True,
+    )
+    with pytest.raises(AssertionError, match="ValueError: broken"):
+        _run_in_a_fresh_process(block)
