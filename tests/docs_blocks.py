@@ -3,7 +3,10 @@
 Standard library only, so that it also serves outside the test suite: CI runs
 ``python tests/docs_blocks.py README.md --section "Quick start"`` to print the
 README's quick start and run it in a fresh virtual environment that holds the
-built wheel and nothing else of this repository.
+built wheel and nothing else of this repository. ``--serve`` makes it the
+worker process in which ``tests/test_docs.py`` runs the blocks, so that what
+a block changes (Keras's global state, random generators, a framework's
+runtime) never reaches the rest of the suite.
 
 The convention (also in CONTRIBUTING.md):
 
@@ -33,9 +36,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import pathlib
 import re
 import sys
+import traceback
 
 __all__ = [
     "BACKENDS",
@@ -44,6 +50,7 @@ __all__ = [
     "blocks",
     "documentation_files",
     "main",
+    "serve",
 ]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -205,12 +212,50 @@ def blocks(path: pathlib.Path) -> list[Block]:
     return found
 
 
+def serve() -> None:
+    """Runs blocks sent on stdin, one JSON request a line, answering on stdout.
+
+    A request is ``{"name", "code", "cwd"}``; the answer ``{"ok": true}`` or
+    ``{"ok": false, "error": traceback}``. Each block runs in a fresh
+    namespace, in ``cwd``; afterwards Keras's float type, dtype policy and
+    distribution are set back. What the blocks print goes to stderr.
+    """
+    import keras
+
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # prints of the blocks, Python's or a library's, go to stderr
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        request = json.loads(line)
+        floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+        try:
+            os.chdir(request["cwd"])
+            code = compile(request["code"], request["name"], "exec")
+            exec(code, {"__name__": "__main__"})
+            answer = {"ok": True}
+        except BaseException:  # noqa: BLE001 - every failure is the block's answer
+            answer = {"ok": False, "error": traceback.format_exc()[-4000:]}
+        finally:
+            keras.config.set_floatx(floatx)
+            keras.config.set_dtype_policy(policy)
+            if hasattr(keras.distribution, "set_distribution"):
+                keras.distribution.set_distribution(None)
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Prints the code of a page's blocks (in one section, if given)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("page", help="a Markdown file, relative to the repository root")
+    parser.add_argument("page", nargs="?", help="a Markdown file, from the root")
     parser.add_argument("--section", help="only the blocks under this heading")
+    parser.add_argument("--serve", action="store_true", help="run blocks from stdin")
     args = parser.parse_args(argv)
+    if args.serve:
+        serve()
+        return 0
+    if args.page is None:
+        parser.error("give a page, or --serve")
     selected = [
         block
         for block in blocks(ROOT / args.page)

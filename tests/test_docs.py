@@ -8,13 +8,15 @@ object, the version is written once, and the package ships its license.
 """
 
 import configparser
+import dataclasses
+import json
 import os
 import re
+import select
 import subprocess
 import sys
 
 import docs_blocks
-import keras
 import pytest
 from conftest import BACKEND
 
@@ -30,18 +32,62 @@ ALL_BLOCKS = [
 MAX_SKIPPED = 3
 
 
-@pytest.fixture
-def fresh_keras(tmp_path, monkeypatch):
-    """An empty working directory, and Keras's global state as it was afterwards."""
-    monkeypatch.chdir(tmp_path)
-    floatx = keras.config.floatx()
-    policy = keras.config.dtype_policy()
-    yield
-    keras.config.set_floatx(floatx)
-    keras.config.set_dtype_policy(policy)
-    if hasattr(keras.distribution, "set_distribution"):
-        keras.distribution.set_distribution(None)
-    keras.backend.clear_session()
+class Worker:
+    """A Python process that runs the blocks (``docs_blocks.serve``), started once.
+
+    The blocks run there, not in the test process: what they change (Keras's
+    global state, random generators, a framework's runtime such as
+    TensorFlow's collective ops) cannot reach the tests after them.
+    """
+
+    TIMEOUT_S = 600
+
+    def __init__(self, log):
+        self.log = log
+        self.process = None
+
+    def _start(self):
+        env = dict(os.environ, KERAS_BACKEND=BACKEND)
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(ROOT), env.get("PYTHONPATH")])
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, docs_blocks.__file__, "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=env,
+            text=True,
+        )
+
+    def run(self, block, cwd):
+        """``None`` if the block ran, else its error."""
+        if self.process is None or self.process.poll() is not None:
+            self._start()
+        request = {"name": f"{ROOT / block.path}:{block.line}", "code": block.code}
+        self.process.stdin.write(json.dumps({**request, "cwd": str(cwd)}) + "\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], self.TIMEOUT_S)
+        line = self.process.stdout.readline() if ready else ""
+        if not line:  # a hang or a crash: the next block gets a new worker
+            self.close()
+            return f"no answer from the worker within {self.TIMEOUT_S} s"
+        answer = json.loads(line)
+        return None if answer["ok"] else answer["error"]
+
+    def close(self):
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    with open(tmp_path_factory.mktemp("docs") / "worker.log", "w") as log:
+        running = Worker(log)
+        yield running
+        running.close()
 
 
 @pytest.mark.parametrize(
@@ -49,19 +95,17 @@ def fresh_keras(tmp_path, monkeypatch):
     [block for block in ALL_BLOCKS if BACKEND in block.backends],
     ids=lambda block: block.name,
 )
-def test_code_block_runs(block, fresh_keras):
+def test_code_block_runs(block, worker, tmp_path):
     if block.skip:
         pytest.skip(f"{block.name}: {block.skip}")
     if block.process:
-        _run_in_a_fresh_process(block)
+        _run_in_a_fresh_process(block, tmp_path)
         return
-    code = compile(
-        block.code, str(ROOT / block.path) + f" (block at line {block.line})", "exec"
-    )
-    exec(code, {"__name__": "__main__"})
+    error = worker.run(block, tmp_path)
+    assert error is None, f"{block.name} failed:\n{error}"
 
 
-def _run_in_a_fresh_process(block):
+def _run_in_a_fresh_process(block, cwd):
     env = dict(os.environ, KERAS_BACKEND=BACKEND)
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(ROOT), env.get("PYTHONPATH")])
@@ -69,7 +113,7 @@ def _run_in_a_fresh_process(block):
     done = subprocess.run(
         [sys.executable, "-c", block.code],
         env=env,
-        cwd=os.getcwd(),
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=600,
@@ -226,16 +270,10 @@ def test_links_of_the_top_level_pages_resolve(page):
             assert anchor in {_slug(h) for h in headings}, f"{page}: {target}"
 
 
-def test_a_failing_block_fails_its_test_in_a_fresh_process_too(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    block = docs_blocks.Block(
-        "page.md",
-        3,
-        "",
-        "raise ValueError('broken')\n",
-        docs_blocks.BACKENDS,
-        None,
-        True,
-    )
+def test_a_failing_block_fails_its_test_in_either_process(worker, tmp_path):
+    code = "print('out')\nraise ValueError('broken')\n"
+    block = docs_blocks.Block("page.md", 3, "", code, docs_blocks.BACKENDS, None, True)
     with pytest.raises(AssertionError, match="ValueError: broken"):
-        _run_in_a_fresh_process(block)
+        _run_in_a_fresh_process(block, tmp_path)
+    assert "ValueError: broken" in worker.run(block, tmp_path)
+    assert worker.run(dataclasses.replace(block, code="x = 1\n"), tmp_path) is None
