@@ -1,5 +1,6 @@
 """kerasbn: batch normalization for Keras 3, a drop-in for keras.layers.BatchNormalization."""
 
+from kerasbn._version import __version__ as __version__
 from kerasbn.convert import from_keras, load_model, to_keras
 from kerasbn.fold import fold_batch_norms
 from kerasbn.freeze import freeze_batch_norms
@@ -21,4 +22,3 @@ __all__ = [
     "to_keras",
     "to_torch",
 ]
-__version__ = "0.1.0"
