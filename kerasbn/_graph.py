@@ -382,6 +382,7 @@ def without(model, removed: set[int]) -> keras.Model:
         inputs = keras.tree.map_structure(_new_input(model), model.input)
         outputs = internals.run_through_graph(model, inputs, reuse, _skipping(removed))
         new_model = keras.Model(inputs, outputs, name=model.name)
+    internals.mark_called_like(new_model, model)  # exportable as the model was
     compile_like(new_model, model)
     return new_model
 

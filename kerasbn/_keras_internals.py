@@ -32,6 +32,7 @@ __all__ = [
     "inbound_nodes",
     "keep_graph_nodes",
     "learning_rate_schedule",
+    "mark_called_like",
     "outbound_nodes",
     "parent_path",
     "producer",
@@ -243,6 +244,13 @@ def parent_path(layer):
 def set_parent_path(layer, path) -> None:
     """Layer._parent_path, set before build. 3.3-3.15."""
     layer._parent_path = path
+
+
+def mark_called_like(new, original) -> None:
+    """Layer._called: ``model.export`` refuses a model never called, and no
+    public API says a rebuilt model stands for one that was. 3.3-3.15."""
+    if getattr(original, "_called", False):
+        new._called = True
 
 
 # What makes a Keras layer the object it is, rather than what its class adds:

@@ -3,7 +3,7 @@
 One row a Keras minor release (its newest patch), with the JAX and
 TensorFlow releases that were current when it came out (TensorFlow's own
 ``keras`` pin admits it) and the CPU-only PyTorch wheel. ``create(row)``
-makes its virtual environment under ``/work/venvs`` (or ``$KERASBN_VENVS``).
+makes its virtual environment under ``~/.cache/kerasbn-compat`` (or ``$KERASBN_VENVS``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from pathlib import Path
 __all__ = ["ROWS", "Row", "create", "python_of"]
 
 ROOT = Path(__file__).resolve().parents[2]
-VENVS = Path(os.environ.get("KERASBN_VENVS", "/work/venvs"))
+VENVS = Path(
+    os.environ.get("KERASBN_VENVS", str(Path.home() / ".cache" / "kerasbn-compat"))
+)
 # The CPU-only PyTorch wheel, from a local wheel folder where one has it.
 WHEELS = os.environ.get("KERASBN_WHEELS", "/opt/wheels")
 TORCH = "torch==2.13.0+cpu" if Path(WHEELS).is_dir() else "torch==2.13.0"
