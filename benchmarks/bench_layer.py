@@ -171,7 +171,7 @@ def measure_shape(
     return {
         "shape": list(shape),
         "axis": axis,
-        "formulation": steps.formulation(shape, axis),
+        "formulation": formulation_label(shape, axis),
         "copy_bandwidth_GBps": 2 * nbytes / copy_s / 1e9,
         "floor_s": {
             "train": TRAIN_PASSES / 2 * copy_s,
@@ -179,6 +179,15 @@ def measure_shape(
         },
         "median_s": medians,
     }
+
+
+def formulation_label(shape, axis: int) -> str:
+    """kerasbn's formulation of this train step, or ``"?"`` where the kerasbn
+    on ``PYTHONPATH`` predates :func:`kerasbn.backends.formulation`."""
+    try:
+        return steps.formulation(shape, axis)
+    except (AttributeError, TypeError):
+        return "?"
 
 
 def table(results: list[dict], memory: dict | None) -> str:

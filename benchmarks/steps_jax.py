@@ -180,14 +180,12 @@ def inference_step(layer, shape: Sequence[int]) -> Callable[[object], object]:
     return lambda x: jax.block_until_ready(infer(x, trainable, non_trainable))
 
 
-def formulation(shape: Sequence[int], axis: int) -> str:
-    """How kerasbn computes a float32 train step of this shape."""
+def formulation(shape, axis: int) -> str:
+    """How kerasbn computes a float32 train step of this shape: its backend
+    module's formulation, or ``"generic"`` (:mod:`kerasbn.formulas`)."""
     axes = [a for a in range(len(shape)) if a != axis % len(shape)]
-    if backends.implementation(jnp.zeros(shape), axes) is backends.ops:
-        return "generic"
-    from kerasbn.backends import jax as jax_backend
-
-    return jax_backend.formulation(shape, axes)
+    plan = backends.formulation(shape, axes)
+    return "generic" if plan is None else plan.formulation
 
 
 # ---------------------------------------------------------------------- blocks

@@ -89,14 +89,11 @@ def graph_ops(function, *args) -> dict[str, int]:
 
 
 def formulation(shape, axis: int) -> str:
-    """How kerasbn computes a train step of this shape."""
+    """How kerasbn computes a float32 train step of this shape: its backend
+    module's formulation, or ``"generic"`` (:mod:`kerasbn.formulas`)."""
     axes = [a for a in range(len(shape)) if a != axis % len(shape)]
-    x = tf.zeros(shape)
-    if backends.implementation(x, axes) is backends.ops:
-        return "generic"
-    from kerasbn.backends import tensorflow as tf_backend
-
-    return tf_backend.formulation(x.shape, axes, 1e-3)
+    plan = backends.formulation(shape, axes)
+    return "generic" if plan is None else plan.formulation
 
 
 # ---------------------------------------------------------------------- blocks

@@ -42,7 +42,6 @@ import torch
 
 import kerasbn
 from kerasbn import backends
-from kerasbn.backends import torch as torch_backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -190,17 +189,11 @@ def copy_step(x: torch.Tensor) -> Callable[[], object]:
 
 
 def formulation(shape, axis: int) -> str:
-    """Which kerasbn path serves a train step of this shape.
-
-    Returns:
-        ``"generic"`` (:mod:`kerasbn.ops`) or the fast path's view of the
-        input (see :func:`kerasbn.backends.torch.formulation`).
-    """
+    """How kerasbn computes a float32 train step of this shape: its backend
+    module's formulation, or ``"generic"`` (:mod:`kerasbn.formulas`)."""
     axes = [a for a in range(len(shape)) if a != axis % len(shape)]
-    x = torch.zeros(shape, device="meta")
-    if backends.implementation(x, axes) is backends.ops:
-        return "generic"
-    return torch_backend.formulation(shape, axes, DEVICE.type)
+    plan = backends.formulation(shape, axes, device=DEVICE.type)
+    return "generic" if plan is None else plan.formulation
 
 
 # ---------------------------------------------------------------------- blocks
