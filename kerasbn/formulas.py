@@ -12,10 +12,11 @@ in its own ops.
 
 Statistics are kept as *shifted sufficient moments* ``(count, shift, offset,
 m2)``: the mean is ``shift + offset`` and the biased variance ``m2 / count``.
-The shift is one sample of the data itself (:func:`shift_index`), so that
-``d = x - shift`` is small and exact even where the mean is large next to the
-spread (mean 1e4, std 1e-2 in float32), and the moments follow from the sums
-of ``d`` and ``d * d`` (:func:`shifted_statistics`). Groups of moments merge
+The shift is taken from the data (the first sample, :func:`shift_index`; the
+generic path refines it to the mean that sample gives), so that ``d = x -
+shift`` is small and exact even where the mean is large next to the spread
+(mean 1e4, std 1e-2 in float32), and the moments follow from the sums of
+``d`` and ``d * d`` (:func:`shifted_statistics`). Groups of moments merge
 exactly with Chan et al.'s pairwise formula (:func:`combine_moments`);
 ``E[x**2] - E[x]**2`` of the raw input is never formed.
 """

@@ -26,6 +26,8 @@ import numpy as np
 
 from kerasbn.layer import BatchNorm
 
+__all__ = ["DATA_FORMATS", "from_torch", "to_torch"]
+
 DATA_FORMATS = ("channels_last", "channels_first")
 
 

@@ -1,13 +1,10 @@
 """Backend fast paths and distribution engines: one contract, one selector.
 
-A backend module is ``kerasbn.backends.<name>``, where ``<name>`` is what
-``keras.backend.backend()`` returns (``tensorflow``, ``jax``, ``torch``); a
-backend without one computes everything with :mod:`kerasbn.formulas`. Every
-backend module implements all of :class:`Kernels`, and this module is the
-only caller: it imports the active backend's module once, asks it for a
-:class:`~kerasbn.backends.plan.Plan` once per call, and hands the plan to the
-kernel, or calls :mod:`kerasbn.formulas` where there is none. The layer calls
-the functions below and nothing else of a backend.
+The backend module ``kerasbn.backends.<keras.backend.backend()>``, where one
+exists, implements all of :class:`Kernels`; this module, its only caller,
+imports it once, asks it for one :class:`~kerasbn.backends.plan.Plan` per call
+and hands the plan to its kernel, or calls :mod:`kerasbn.formulas` where there
+is no plan. The layer calls the functions below and nothing else of a backend.
 """
 
 from __future__ import annotations
@@ -41,16 +38,14 @@ __all__ = [
 class Kernels(Protocol):
     """The contract of a backend module: its kernels and its distribution engine.
 
-    Each fast path computes what :mod:`kerasbn.formulas` computes (the same
-    outputs, gradients and biased batch statistics, to the rounding of the
-    statistics dtype), and returns its outputs in the statistics dtype
-    (:func:`kerasbn.formulas.statistics_dtype`); the statistics it returns
-    in training carry no gradient. Its choices depend only on what the plan
-    holds (static facts), and it reads no tensor value on the host.
+    A kernel computes what :mod:`kerasbn.formulas` computes (outputs,
+    gradients, biased batch statistics, to the statistics dtype's rounding),
+    returns outputs in the statistics dtype and statistics without gradient,
+    decides only from its plan and reads no tensor value on the host.
     """
 
     def device(self, x) -> str | None:
-        """The type of device ``x``'s ops run on (:data:`~kerasbn.backends.plan.CPU`,
+        """The device type ``x``'s ops run on (:data:`~kerasbn.backends.plan.CPU`,
         ``"gpu"``...), or None where ``x`` is not this framework's tensor."""
 
     def default_device(self) -> str:
@@ -67,21 +62,16 @@ class Kernels(Protocol):
         device: str = CPU,
     ) -> Plan | None:
         """How a call with an input of ``shape`` is computed, or None where the
-        fast path declines it (:mod:`kerasbn.formulas` serves it then).
-
-        This is where a backend says when its fast path applies. The hardware
-        is an input of the choice: a rule measured on one device applies on
-        that device only.
-        """
+        fast path declines it: the one place that says when it applies. A rule
+        measured on one device applies on that device only."""
 
     def batch_normalize(self, x, plan: Plan, gamma, beta, epsilon: float):
         """Training: ``(y, mean, variance)`` as
-        :func:`kerasbn.formulas.batch_normalize`, for a call that ``plan``
-        (from :meth:`formulation` with ``training=True``) describes."""
+        :func:`kerasbn.formulas.batch_normalize`, as ``plan`` says."""
 
     def normalize(self, x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
-        """Inference: ``y`` as :func:`kerasbn.formulas.normalize`, for a call
-        that ``plan`` (``training=False``) describes."""
+        """Inference: ``y`` as :func:`kerasbn.formulas.normalize`, as ``plan``
+        (made with ``training=False``) says."""
 
     def all_finite(self, first, *others):
         """A scalar boolean tensor: :func:`kerasbn.formulas.all_finite`,
@@ -102,10 +92,8 @@ _LOADED: dict[str, Kernels | None] = {}
 
 
 def current() -> Kernels | None:
-    """The active Keras backend's module, or None where it has none.
-
-    Imported once: ``torch.compile`` breaks its graph at an import.
-    """
+    """The active Keras backend's module, or None where it has none; imported
+    once (``torch.compile`` breaks its graph at an import)."""
     name = keras.backend.backend()
     if name not in _LOADED:
         module_name = f"{__name__}.{name}"
@@ -123,8 +111,8 @@ def formulation(
     training: bool = True,
     device: str | None = None,
 ) -> Plan | None:
-    """The active backend's plan for an input of ``shape``: see
-    :meth:`Kernels.formulation`; ``device`` defaults to the backend's default.
+    """The active backend's :meth:`Kernels.formulation` (``device`` by default
+    the backend's default device); None without a backend module.
 
     Example:
         >>> p = formulation((32, 100), [0])
@@ -146,34 +134,25 @@ def formulation(
 
 
 def plan(x, axes: Sequence[int], mask=None, *, epsilon: float, training: bool):
-    """The plan of a call with input ``x``, or None for :mod:`kerasbn.formulas`.
-
-    No fast path takes a mask, an input of unknown rank, or what the backend
-    does not recognise as its own tensor.
+    """The plan of a call with input ``x``, or None for :mod:`kerasbn.formulas`
+    (a mask, an unknown rank, or not the backend's tensor).
 
     Example:
-        >>> x = keras.ops.ones((4, 3))
-        >>> p = plan(x, [0], epsilon=1e-3, training=True)
+        >>> p = plan(keras.ops.ones((4, 3)), [0], epsilon=1e-3, training=True)
         >>> p is None or (p.start, p.stop)
         (1, 2)
     """
     module = current()
-    if module is None or mask is not None:
-        return None
-    device = module.device(x)
+    device = None if module is None or mask is not None else module.device(x)
     if device is None:
         return None
     try:
         shape = tuple(x.shape)
     except (TypeError, ValueError):  # an unknown rank
         return None
-    return module.formulation(
-        shape,
-        axes,
-        dtype=keras.backend.standardize_dtype(x.dtype),
-        epsilon=epsilon,
-        training=training,
-        device=device,
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    return formulation(
+        shape, axes, dtype=dtype, epsilon=epsilon, training=training, device=device
     )
 
 
@@ -182,8 +161,8 @@ def batch_normalize(x, axes: Sequence[int], gamma, beta, epsilon: float, mask=No
     :func:`kerasbn.formulas.batch_normalize` (same arguments and results).
 
     Example:
-        >>> y, mean, var = batch_normalize(keras.ops.array([[0.0], [2.0]]), [0],
-        ...                                None, None, 0.0)
+        >>> x = keras.ops.array([[0.0], [2.0]])
+        >>> y, mean, var = batch_normalize(x, [0], None, None, 0.0)
         >>> round(float(mean[0, 0]), 6), round(float(var[0, 0]), 6)
         (1.0, 1.0)
     """
@@ -195,20 +174,13 @@ def batch_normalize(x, axes: Sequence[int], gamma, beta, epsilon: float, mask=No
 
 def normalize(x, axes: Sequence[int], mean, variance, gamma, beta, epsilon: float):
     """Inference-mode BN over ``axes``: the backend's kernel where it has a
-    plan, else :func:`kerasbn.formulas.normalize`.
-
-    Args:
-        x: the input.
-        axes: the reduction axes; the statistics, gamma and beta are
-            broadcastable to ``x`` with one value per channel.
-        mean, variance, gamma, beta, epsilon: as
-            :func:`kerasbn.formulas.normalize`.
+    plan, else :func:`kerasbn.formulas.normalize` (same arguments).
 
     Example:
-        >>> y = normalize(keras.ops.array([[0.0], [2.0]]), [0],
-        ...               keras.ops.ones((1, 1)), keras.ops.ones((1, 1)), None, None, 0.0)
-        >>> [round(float(v), 6) for v in keras.ops.ravel(y)]
-        [-1.0, 1.0]
+        >>> x, one = keras.ops.array([[0.0], [2.0]]), keras.ops.ones((1, 1))
+        >>> keras.ops.convert_to_numpy(normalize(x, [0], one, one, None, None, 0.0))
+        array([[-1.],
+               [ 1.]], dtype=float32)
     """
     chosen = plan(x, axes, epsilon=epsilon, training=False)
     if chosen is None:
@@ -217,8 +189,7 @@ def normalize(x, axes: Sequence[int], mean, variance, gamma, beta, epsilon: floa
 
 
 def all_finite(first, *others):
-    """A scalar boolean: every element of every tensor is finite (the backend's
-    reduction of :func:`kerasbn.formulas.finite_probe`).
+    """A scalar boolean: every element of every tensor is finite.
 
     Example:
         >>> bool(all_finite(keras.ops.ones(2), keras.ops.array([1.0, float("nan")])))
@@ -231,13 +202,8 @@ def all_finite(first, *others):
 
 
 def global_moments(local: Moments) -> Moments:
-    """The moments of the global batch, merged over the backend's engine.
-
-    Args:
-        local: this replica's (or process's) :class:`kerasbn.formulas.Moments`.
-
-    Returns:
-        The merged moments; the local ones where nothing is distributed.
+    """The moments of the global batch, merged from this replica's ``local``
+    ones over the backend's engine; ``local`` where nothing is distributed.
 
     Example:
         >>> m = formulas.sufficient_moments(keras.ops.ones((2, 3)), [0])
@@ -249,10 +215,8 @@ def global_moments(local: Moments) -> Moments:
 
 
 def check_divisible(x, group_size: int):
-    """Returns ``x`` once its batch size is known to be a multiple of ``group_size``.
-
-    A static batch size is checked at once (ValueError); a dynamic one by the
-    backend, in the graph where it can (:meth:`Kernels.assert_divisible`).
+    """``x``, once its batch size is known to be a multiple of ``group_size``:
+    a static size at once, a dynamic one by :meth:`Kernels.assert_divisible`.
 
     Raises:
         ValueError: the static batch size is not a multiple of ``group_size``.

@@ -1,64 +1,40 @@
 """The JAX kernels: one ``jax.custom_vjp`` per training call, and SPMD statistics.
 
-A training call views the input, at no cost, as ``(outer, C, inner)``
-(``(rows, C)`` for channels-last inputs, ``(B, C, H * W)`` for channels-first
-ones) and computes, in the fewest passes over memory that XLA allows, what
-:mod:`kerasbn.formulas` computes:
+A training call views the input, at no cost, as ``(outer, C, inner)`` and
+computes what :mod:`kerasbn.formulas` computes in the fewest passes over
+memory: forward, the sums of ``d = x - shift`` and ``d * d``, then ``y = d *
+scale + bias``; backward, the sums of ``dy`` and ``dy * d``, then ``dx``
+(:func:`~kerasbn.formulas.backward_coefficients`). All of it is plain HLO in
+the train step's program, which XLA fuses with the layer's neighbours.
 
-* forward: the sums of ``d = x - shift`` and ``d * d`` per channel
-  (:func:`~kerasbn.formulas.shifted_statistics`), then one element-wise pass
-  ``y = d * scale + bias`` (:func:`~kerasbn.formulas.normalized`);
-* backward: the sums of ``dy`` and ``dy * d``, then one element-wise pass for
-  ``dx`` (:func:`~kerasbn.formulas.backward_coefficients`); the gradients of
-  gamma and beta come from the same sums.
+The statistics are (:func:`formulation`) ``"shifted"``: the shift is the
+first sample, and XLA's CPU reductions, which do not fuse a broadcast
+subtraction, materialize ``d``; or ``"rough"`` (large static inputs on the
+CPU, where the saving was measured): the shift is 0, and a ``lax.cond``
+switches to the shifted statistics, and the backward pass with them, where
+some channel's mean lies more than ``ROUGH_MAX_MEAN_SPREADS`` standard
+deviations from zero (:func:`~kerasbn.formulas.far_from_zero`). On small
+inputs the ``lax.cond`` costs more than it saves, hence ``ROUGH_MIN_ELEMENTS``.
 
-Every step of it is plain HLO inside the train step's program, so XLA fuses
-the element-wise passes with the producer and the consumer of the layer.
+Outputs are float32 (float64 for float64 inputs); ``dx`` has ``x``'s dtype.
+Inference is :func:`kerasbn.formulas.normalize`: one fused multiply-add.
+Declined: a mask, non-floating inputs, channel axes that are not adjacent,
+an unknown dimension, no reduction axis, an empty batch.
 
-The statistics are computed one of two ways (:func:`formulation`):
-
-* ``"shifted"``: the shift is the first sample of each channel. XLA's CPU
-  reductions do not fuse a broadcast subtraction, so ``d`` is materialized:
-  two passes over memory more than sums of ``x`` itself.
-* ``"rough"`` (on the CPU, for static shapes of ``ROUGH_MIN_ELEMENTS`` or
-  more): the shift is 0, so the sums of ``x`` and ``x * x`` need no ``d``.
-  Their relative error grows like ``(1 + (mean / std)**2) * eps``, so a
-  ``lax.cond`` (one branch runs) switches to the shifted statistics, and the
-  backward pass with them, wherever some channel's mean lies more than
-  ``ROUGH_MAX_MEAN_SPREADS`` standard deviations from zero
-  (:func:`~kerasbn.formulas.far_from_zero`). Inside a compiled train step a
-  ``lax.cond`` costs more than the passes it saves on small inputs, hence
-  the threshold; the saving was measured with XLA's CPU reductions only,
-  hence the CPU. ``benchmarks/README.md`` has the figures.
-
-Outputs are float32 (float64 for float64 inputs), also for float16 and
-bfloat16 inputs; the gradient with respect to ``x`` has ``x``'s dtype.
-Inference is :func:`kerasbn.formulas.normalize` itself: one fused
-multiply-add, which is what XLA makes of it.
-
-Declined (the generic formulas serve the call): a mask, non-floating inputs,
-channel axes that are not adjacent (``axis=[1, 3]``, ghost batches), an
-unknown dimension, no reduction axis, an empty batch.
-
-**Synchronized statistics.** Under ``keras.distribution`` (``DataParallel``,
-``ModelParallel``, also over processes joined by ``jax.distributed``), Keras's
-JAX trainer compiles one SPMD program for the whole device mesh: a reduction
-over the sharded batch axis is a reduction over the global batch, and XLA
-inserts the cross-device sums itself. So the moments computed in the step are
-already global (:func:`global_moments` returns them unchanged), and
-``synchronized=False`` gives the same global statistics. Not covered: a layer
-called inside ``jax.pmap`` or ``shard_map`` by hand, where each shard computes
-its own statistics (the axis name to merge over is not known here).
+**Synchronized statistics.** Under ``keras.distribution`` (also across
+``jax.distributed`` processes) Keras's JAX trainer compiles one SPMD program
+for the device mesh, in which a reduction over the sharded batch is one over
+the global batch: the moments are global already (:func:`global_moments`),
+whatever ``synchronized`` says. Not covered: a layer called by hand inside
+``jax.pmap`` or ``shard_map`` (the axis name to merge over is not known).
 
 Example:
     >>> import jax.numpy as jnp
     >>> x = jnp.zeros((8, 4, 4, 3)) + 1.0
     >>> plan = formulation(x.shape, [0, 1, 2])
-    >>> plan.formulation
-    'shifted'
     >>> y, mean, var = batch_normalize(x, plan, None, None, 1e-3)
-    >>> y.shape, mean.shape, float(mean[0, 0, 0, 0])
-    ((8, 4, 4, 3), (1, 1, 1, 3), 1.0)
+    >>> plan.formulation, y.shape, mean.shape, float(mean[0, 0, 0, 0])
+    ('shifted', (8, 4, 4, 3), (1, 1, 1, 3), 1.0)
 """
 
 from __future__ import annotations
@@ -88,21 +64,17 @@ __all__ = [
 ]
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
-ROUGH_MIN_ELEMENTS = 1 << 20
-"""Below this many elements the statistics are always shifted."""
+ROUGH_MIN_ELEMENTS = 1 << 20  # below this many elements, always shifted
 ROUGH_MAX_MEAN_SPREADS = 3.0
-"""The rough (unshifted) sums serve while every channel's mean lies within
-this many standard deviations of zero: there the variance keeps float32
-precision (a relative error of about ``(1 + 3**2) * eps``)."""
-GUARD_LANES = 32
-"""XLA's CPU runtime splits a reduction of more elements into two kernels."""
+"""Unshifted sums keep float32 precision (a relative error of the variance of
+about ``(1 + 3**2) * eps``) while every mean lies within 3 spreads of zero."""
+GUARD_LANES = 32  # XLA's CPU runtime splits a longer reduction in two kernels
 
 _XP = formulas.Namespace(jnp, rsqrt=jax.lax.rsqrt)
 
 
 def device(x) -> str | None:
-    """JAX's default platform (where Keras's JAX backend computes), or None
-    for an object without a shape and a dtype."""
+    """JAX's default platform, where Keras computes; None without a shape."""
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
         return None
     return default_device()
@@ -122,20 +94,8 @@ def formulation(
     training: bool = True,
     device: str = CPU,
 ) -> Plan | None:
-    """How a call is computed: ``"shifted"`` or ``"rough"`` statistics in
-    training (see the module docstring), ``"affine"`` in inference.
-
-    Args:
-        shape: the input's shape (ints or ``jax.export`` symbolic dimensions).
-        axes: the reduction axes.
-        dtype: the input's dtype.
-        epsilon: the layer's epsilon (no choice depends on it).
-        training: whether the call uses batch statistics.
-        device: the platform (``"cpu"``, ``"gpu"``...); ``"rough"`` is for
-            the CPU only.
-
-    Returns:
-        The plan, or None for a call that the fast path declines.
+    """The plan of a call (see :class:`kerasbn.backends.Kernels`):
+    ``"shifted"`` or ``"rough"`` in training, ``"affine"`` in inference.
 
     Example:
         >>> formulation((32, 56, 56, 64), [0, 1, 2]).formulation
@@ -156,42 +116,29 @@ def formulation(
 
 
 # ------------------------------------------------------------------- the view
-def _view_shape(plan: Plan) -> tuple:
-    """``(outer, C, inner)`` with size-1 ends dropped, so that reductions run
-    over at most two axes of a contiguous array."""
+def _view(plan: Plan) -> tuple[tuple, tuple[int, ...], tuple]:
+    """``(shape, reduction axes, vector shape)`` of the view ``(outer, C,
+    inner)`` without size-1 ends: reductions over contiguous axes."""
     if plan.inner == 1:
-        return (plan.outer, plan.channels)
-    if plan.outer == 1:
-        return (plan.channels, plan.inner)
-    return (plan.outer, plan.channels, plan.inner)
-
-
-def _view_axes(plan: Plan) -> tuple[int, ...]:
-    """The reduction axes of :func:`_view_shape`."""
-    if plan.inner == 1:
-        return (0,)
-    if plan.outer == 1:
-        return (1,)
-    return (0, 2)
-
-
-def _vector_shape(plan: Plan) -> tuple[int, ...]:
-    """A per-channel vector in the view: size 1 on the reduced axes."""
-    axes = _view_axes(plan)
-    return tuple(1 if a in axes else d for a, d in enumerate(_view_shape(plan)))
+        shape, axes = (plan.outer, plan.channels), (0,)
+    elif plan.outer == 1:
+        shape, axes = (plan.channels, plan.inner), (1,)
+    else:
+        shape, axes = (plan.outer, plan.channels, plan.inner), (0, 2)
+    return shape, axes, tuple(1 if a in axes else d for a, d in enumerate(shape))
 
 
 def _sum(t, plan: Plan):
-    return jnp.sum(t, _view_axes(plan), keepdims=True)
+    return jnp.sum(t, _view(plan)[1], keepdims=True)
 
 
 # ------------------------------------------------------------------- training
 def _statistics(x, plan: Plan):
-    """``(shift, offset, variance, far)`` of the view ``x`` (statistics dtype)."""
+    """``(shift, offset, variance, far)`` of the view ``x``."""
     n = plan.count
 
     def shifted():
-        shift = jax.lax.stop_gradient(x[formulas.shift_index(x.ndim, _view_axes(plan))])
+        shift = jax.lax.stop_gradient(x[formulas.shift_index(x.ndim, _view(plan)[1])])
         d = x - shift
         offset, variance = formulas.shifted_statistics(
             _sum(d, plan), _sum(d * d, plan), n, _XP
@@ -221,8 +168,7 @@ def _forward(x, gamma, beta, epsilon: float, plan: Plan):
 
 
 def _backward(epsilon: float, plan: Plan, residuals, cotangents):
-    """The gradients w.r.t. ``x``, gamma and beta of ``sum(y * dy)``; the
-    cotangents of the statistics are ignored (they carry no gradient)."""
+    """The gradients w.r.t. ``x``, gamma and beta of ``sum(y * dy)``."""
     del epsilon
     x, shift, offset, inv, scale, far = residuals
     dy = cotangents[0].astype(shift.dtype)
@@ -253,26 +199,15 @@ _batch_norm.defvjp(_forward, _backward)
 
 def _vector(value, plan: Plan, dtype, default: float):
     """A broadcastable per-channel ``value`` (or ``default``) as a view vector."""
+    shape = _view(plan)[2]
     if value is None:
-        return jnp.full(_vector_shape(plan), default, dtype)
-    vector = channel_vector(jnp.asarray(value), plan, jnp, _vector_shape(plan))
-    return vector.astype(dtype)
+        return jnp.full(shape, default, dtype)
+    return channel_vector(jnp.asarray(value), plan, jnp, shape).astype(dtype)
 
 
 def batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
-    """Training-mode BN of ``x`` as ``plan`` says (see :func:`formulation`).
-
-    Args:
-        x: the input array.
-        plan: its training plan.
-        gamma, beta: scale and offset broadcastable to ``x`` with one value
-            per channel, or None.
-        epsilon: added to the variance.
-
-    Returns:
-        ``(y, mean, variance)``: the output in float32 (float64 for float64
-        inputs), and the batch mean and biased variance in that dtype with
-        the reduced axes kept (no gradient).
+    """Training-mode BN of ``x`` as ``plan`` says: ``(y, mean, variance)`` as
+    :func:`kerasbn.formulas.batch_normalize` returns them.
 
     Example:
         >>> x = jnp.array([[0.0], [2.0]])
@@ -283,7 +218,7 @@ def batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
     x = jnp.asarray(x)
     dtype = formulas.statistics_dtype(x.dtype)
     y, mean, variance = _batch_norm(
-        jnp.reshape(x, _view_shape(plan)),
+        jnp.reshape(x, _view(plan)[0]),
         _vector(gamma, plan, dtype, 1.0),
         _vector(beta, plan, dtype, 0.0),
         float(epsilon),
@@ -298,8 +233,7 @@ def batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
 
 # ------------------------------------------------------------------ inference
 def normalize(x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
-    """Inference-mode BN: :func:`kerasbn.formulas.normalize` itself, which XLA
-    fuses into one multiply-add over ``x``.
+    """Inference-mode BN: :func:`kerasbn.formulas.normalize` itself.
 
     Example:
         >>> x = jnp.array([[0.0], [2.0]])
@@ -316,11 +250,10 @@ def normalize(x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
 def all_finite(first, *others):
     """A scalar boolean: every element of every array is finite.
 
-    The probe of :func:`kerasbn.formulas.finite_probe`, times 0, sums to 0
-    exactly when all are. A longer probe than ``GUARD_LANES`` is summed to
-    ``GUARD_LANES`` partial sums (one reduce that fuses the probe), and those
-    are added as scalars, which XLA fuses into the kernel that consumes the
-    result: one kernel where a plain reduction takes three.
+    :func:`kerasbn.formulas.finite_probe` times 0 sums to 0 exactly when all
+    are; summed to ``GUARD_LANES`` partial sums (one reduce, fused with the
+    probe) that are added as scalars (fused into the consumer): one kernel
+    where a plain reduction takes three.
 
     Example:
         >>> bool(all_finite(jnp.ones(40), jnp.zeros(40))), bool(all_finite(jnp.array([jnp.inf])))
@@ -341,8 +274,7 @@ def all_finite(first, *others):
 
 # ------------------------------------------------ synchronized statistics
 def global_moments(local: formulas.Moments) -> formulas.Moments:
-    """The moments of the global batch: ``local`` itself under SPMD (see the
-    module docstring).
+    """``local``: under SPMD the moments are global already.
 
     Example:
         >>> m = formulas.sufficient_moments(jnp.ones((2, 3)), [0])

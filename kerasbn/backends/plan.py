@@ -1,16 +1,12 @@
 """How a fast path sees one call: the channel view and the formulation, decided once.
 
 A backend's ``formulation(shape, axes, ...)`` returns a :class:`Plan`, or None
-where its fast path declines the call; the selector in
-:mod:`kerasbn.backends` computes it once per call and hands it to the
-kernel. Every fast path views the input as ``(outer, channels, inner)``: the
-channel axes (those not reduced) must be adjacent and of known size, which is
-what :meth:`Plan.of` checks. The plan depends only on static facts (the
-shape, the axes, the dtype, epsilon, the device), never on a tensor's value
-or on a symbolic dimension compared with a number, so exporters and
-compilers trace the choice as they trace Keras's own BN.
-
-Framework-free: backends, tests and benchmarks all use this one module.
+where its fast path declines the call. Every fast path views the input as
+``(outer, channels, inner)``, so the channel axes (those not reduced) must be
+adjacent and of known size (:meth:`Plan.of`). A plan holds static facts only
+(shape, axes, device, training), never a tensor's value or a symbolic size
+compared with a number, so exporters and compilers trace the choice as they
+trace Keras's own BN. Framework-free: backends, tests and benchmarks share it.
 """
 
 from __future__ import annotations
@@ -23,28 +19,27 @@ from typing import Any
 __all__ = ["CPU", "NOMINAL_DIM", "Plan", "channel_vector"]
 
 NOMINAL_DIM = 32
-"""The size that stands for an unknown or symbolic dimension where a choice
-depends on a size: a static guess that adds no guard to a trace."""
+"""Stands for an unknown or symbolic size where a choice depends on a size."""
 
 CPU = "cpu"
-"""The device name of the CPU. A ``device`` is the lower-case type of device a
-call runs on (``"cpu"``, ``"gpu"``, ``"cuda"``, ``"tpu"``...): every choice
-measured on a CPU applies on ``CPU`` only."""
+"""The CPU's device type. A ``device`` is the lower-case type of device a call
+runs on (``"cpu"``, ``"gpu"``, ``"cuda"``...); a choice measured on a CPU
+applies on ``CPU`` only."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """A call's view ``(outer, channels, inner)`` and how it is computed.
 
-    Hashable and static (JAX takes it as a static argument).
+    Hashable and static: JAX takes it as a static argument.
 
     Attributes:
-        shape: the input's static shape; an entry is an int, None (unknown)
-            or a framework's symbolic dimension.
+        shape: the input's static shape: ints, None (unknown) or a
+            framework's symbolic sizes.
         start, stop: the channel axes are ``start .. stop - 1``.
         formulation: the backend's name for how the call is computed.
         device: the device type the call runs on (see :data:`CPU`).
-        training: whether it is a training call (batch statistics).
+        training: whether the call uses batch statistics.
 
     Example:
         >>> plan = Plan.of((8, 5, 5, 3), [0, 1, 2])
@@ -63,24 +58,13 @@ class Plan:
 
     @classmethod
     def of(cls, shape: Sequence, axes: Sequence[int], **fields) -> Plan | None:
-        """The plan of an input of ``shape`` reduced over ``axes``, or None.
-
-        None where no fast path can view the call: nothing reduced, nothing
-        left as channels, channel axes that are not adjacent (``axis=[1,
-        3]``, the grouping of ghost batches) or of unknown size.
-
-        Args:
-            shape: the input's static shape.
-            axes: the reduction axes (negative ones count from the end).
-            **fields: the other attributes (``formulation``, ``device``...).
-        """
+        """The plan of an input of ``shape`` reduced over ``axes``, with the
+        other attributes from ``fields``; None where nothing is reduced,
+        nothing is left, or the channel axes are not adjacent or not known."""
         shape = tuple(shape)
-        rank = len(shape)
-        if not axes:
-            return None
-        reduced = {a % rank for a in axes}
-        channel_axes = [a for a in range(rank) if a not in reduced]
-        if not channel_axes:
+        reduced = {a % len(shape) for a in axes}
+        channel_axes = [a for a in range(len(shape)) if a not in reduced]
+        if not reduced or not channel_axes:
             return None
         start, stop = channel_axes[0], channel_axes[-1] + 1
         if channel_axes != list(range(start, stop)):
@@ -93,22 +77,13 @@ class Plan:
         """This plan with another formulation."""
         return dataclasses.replace(self, formulation=formulation)
 
-    # ------------------------------------------------------------- sizes
     @property
     def rank(self) -> int:
         return len(self.shape)
 
     @property
-    def channel_axes(self) -> tuple[int, ...]:
-        return tuple(range(self.start, self.stop))
-
-    @property
-    def reduction_axes(self) -> tuple[int, ...]:
-        return tuple(a for a in range(self.rank) if not self.start <= a < self.stop)
-
-    @property
     def channels(self) -> int:
-        """The number of channels: the product of the channel axes' sizes."""
+        """The product of the channel axes' sizes."""
         return math.prod(self.shape[self.start : self.stop])
 
     @property
@@ -124,8 +99,7 @@ class Plan:
     @property
     def count(self):
         """Values per channel, ``outer * inner`` (None if unknown)."""
-        outer, inner = self.outer, self.inner
-        return None if outer is None or inner is None else outer * inner
+        return _product((self.outer, self.inner))
 
     @property
     def nominal_count(self) -> int:
@@ -142,7 +116,7 @@ class Plan:
     @property
     def known_outer(self) -> int:
         """The product of the known sizes before the channel axes: the rows of
-        a channels-last input are a multiple of it, whatever the unknown ones."""
+        a channels-last input are a multiple of it."""
         return math.prod(d for d in self.shape[: self.start] if isinstance(d, int))
 
     @property
@@ -152,13 +126,12 @@ class Plan:
 
     @property
     def empty(self) -> bool:
-        """Whether a known size is 0 (a symbolic one is at least 1, and is not
-        compared: that would add a guard to a trace)."""
+        """Whether a known size is 0 (symbolic sizes are not compared: that
+        would add a guard to a trace)."""
         return any(isinstance(d, int) and d == 0 for d in self.shape)
 
     @property
     def channels_last(self) -> bool:
-        """Whether the channel axes trail."""
         return self.stop == self.rank
 
     @property
@@ -170,30 +143,26 @@ class Plan:
 
 
 def _product(sizes: Sequence):
-    if any(d is None for d in sizes):
-        return None
-    return math.prod(sizes)
+    return None if any(d is None for d in sizes) else math.prod(sizes)
 
 
 def channel_vector(value, plan: Plan, xp, shape: Sequence[int] | None = None):
     """A per-channel ``value`` broadcastable to the input, as a vector of ``shape``.
 
-    ``value`` is broadcast to the statistics' shape
-    (:attr:`Plan.keepdims_shape`) and reshaped to ``shape``, by default
-    ``(channels,)``; a value of that shape already (the layer's weights, for
-    channels-last inputs) is returned as it is, with no op.
+    ``value`` is broadcast to :attr:`Plan.keepdims_shape` and reshaped to
+    ``shape`` (default ``(channels,)``); one of that shape already (the
+    layer's weights, for channels-last inputs) comes back as it is, with no op.
 
     Args:
-        value: a tensor (or array) broadcastable to the statistics' shape.
+        value: a tensor broadcastable to the statistics' shape.
         plan: the call's plan.
-        xp: the framework's functions ``broadcast_to(t, shape)`` and
-            ``reshape(t, shape)`` (``jax.numpy``, ``tensorflow``, ``torch``).
+        xp: the framework's ``broadcast_to(t, shape)`` and ``reshape(t,
+            shape)`` (``jax.numpy``, ``tensorflow``, ``torch``).
         shape: the vector's shape.
 
     Example:
         >>> import numpy as np
-        >>> plan = Plan.of((4, 3, 2), [0, 2])
-        >>> channel_vector(np.ones((1, 3, 1)), plan, np).shape
+        >>> channel_vector(np.ones((1, 3, 1)), Plan.of((4, 3, 2), [0, 2]), np).shape
         (3,)
     """
     shape = (plan.channels,) if shape is None else tuple(shape)

@@ -1,48 +1,34 @@
-"""The TensorFlow kernels: TensorFlow's fused kernel or one custom gradient, and
+"""The TensorFlow kernels: the fused kernel or one custom gradient, and
 ``tf.distribute`` statistics.
 
 A call is computed one of three ways, chosen from static facts
 (:func:`formulation`):
 
-* ``"fused"``: TensorFlow's fused kernels, ``FusedBatchNormV3`` and its
-  registered gradient ``FusedBatchNormGradV3`` (oneDNN on x86 CPUs, cuDNN on
-  GPUs), on a 4-D NHWC view of a channels-last input. They make the fewest
-  passes over memory, but on the CPU they carry a fixed cost per step and run
-  their scalar path for channel counts that are not a multiple of 4, so there
-  they serve only large channels-last inputs of such channel counts
-  (``FUSED_THRESHOLDS``, measured on a CPU); on other devices they always
-  serve (what tf.keras runs there). The kernel keeps the Bessel-corrected
-  batch variance, scaled back to the biased one
-  (:func:`~kerasbn.formulas.biased_variance`), and a float32 mean, whose
-  rounding ``1 / sqrt(variance + epsilon)`` amplifies: where a channel's mean
-  lies more than ``FUSED_MAX_MEAN_SPREADS`` standard deviations from zero
-  (:func:`~kerasbn.formulas.far_from_zero`), a ``tf.cond`` runs the kernel
-  again on the input shifted by its first sample, so a constant channel
-  normalizes to 0 at any magnitude.
-* ``"composite"``: one ``tf.custom_gradient`` of few large ops. Forward: the
-  sums of ``d = x - shift`` and ``d * d`` (the shift is the first sample,
-  :func:`~kerasbn.formulas.shifted_statistics`), then ``y = d * scale +
-  bias``; backward: the sums of ``dy`` and ``dy * d`` and one element-wise
-  pass (:func:`~kerasbn.formulas.backward_coefficients`). Reductions run over
-  contiguous axes first.
-* ``"widened"``: the composite formulation on the channels-last input viewed
-  as ``(rows / k, k * C)``, with ``k * C`` a multiple of the CPU's vector
-  width (``VECTOR_WIDTH``), for large inputs with fewer than
-  ``4 * VECTOR_WIDTH`` channels: broadcasting a per-channel vector then fills
-  whole SIMD vectors.
+* ``"fused"``: ``FusedBatchNormV3`` and its registered gradient (oneDNN on x86
+  CPUs, cuDNN on GPUs) on a 4-D NHWC view of a channels-last input: the
+  fewest passes over memory, but a fixed cost per step and a scalar path for
+  channel counts off a multiple of 4 on the CPU, so there only for large
+  inputs (``FUSED_THRESHOLDS``, measured on a CPU); elsewhere always. Its
+  Bessel-corrected variance is scaled back
+  (:func:`~kerasbn.formulas.biased_variance`), and where a mean lies more than
+  ``FUSED_MAX_MEAN_SPREADS`` spreads from zero, a ``tf.cond`` runs it again on
+  the input shifted by its first sample: its float32 mean's rounding, which
+  ``1 / sqrt(variance + epsilon)`` amplifies, is then gone.
+* ``"composite"``: one ``tf.custom_gradient`` of the formulas of
+  :mod:`kerasbn.formulas`: the sums of ``d = x - shift`` and ``d * d``, ``y =
+  d * scale + bias``; backward, the sums of ``dy`` and ``dy * d`` and ``dx``.
+* ``"widened"``: the composite on a channels-last input seen as ``(rows / k,
+  k * C)`` with ``k * C`` a multiple of the CPU's ``VECTOR_WIDTH``, for large
+  inputs with few channels: per-channel vectors then fill whole SIMD vectors.
 
-Inference takes the fused kernel and the widened view where training would,
-and :func:`kerasbn.formulas.normalize` (``"affine"``, already two ops)
-otherwise. Outputs are float32, also for float16 and bfloat16 inputs.
-
-Declined (the generic formulas serve the call): a mask, float64 (the fused
-kernels have none) and non-floating inputs, channel axes that are not
-adjacent (``axis=[1, 3]``, ghost batches), an unknown rank or channel size,
-no reduction axis. Renormalization and synchronized statistics never reach
-the kernels: the layer computes them with :mod:`kerasbn.formulas`, and
-:func:`global_moments` merges them over ``tf.distribute``.
+Inference takes the fused kernel or the widened view where training would,
+else :func:`kerasbn.formulas.normalize` (``"affine"``). Outputs are float32.
+Declined: a mask, float64 (the fused kernels have none) and non-floating
+inputs, channel axes that are not adjacent, an unknown rank or channel size,
+no reduction axis.
 
 Example:
+    >>> import tensorflow as tf
     >>> x = tf.random.normal((8, 4, 4, 3))
     >>> plan = formulation(x.shape, [0, 1, 2])
     >>> plan.formulation, formulation(x.shape, [0, 1, 2], dtype="float64")
@@ -82,35 +68,23 @@ __all__ = [
 
 DTYPES = ("float16", "bfloat16", "float32")
 FUSED_THRESHOLDS = ((8, 1 << 17), (4, 1 << 19))
-"""On the CPU, ``(channel multiple, fewest elements)``: the fused kernel serves
-channels-last inputs whose channel count is a multiple of the first number
-from that size on (measured with oneDNN on an AVX-512 CPU); others, never."""
-FUSED_MIN_EPSILON = 1.001e-5
-"""cuDNN's smallest epsilon."""
-FUSED_IMAGE_ROWS = 16
-"""Rows per image of the fused kernel's 4-D view: oneDNN spreads many short
-images over the cores better than the input's own 4-D shape or one image."""
+"""On the CPU, ``(channel multiple, fewest elements)`` from which the fused
+kernel serves (measured with oneDNN on an AVX-512 CPU)."""
+FUSED_MIN_EPSILON = 1.001e-5  # cuDNN's smallest epsilon
+FUSED_IMAGE_ROWS = 16  # rows per image of the 4-D view: oneDNN spreads them best
 FUSED_MAX_MEAN_SPREADS = 100.0
-"""The fused kernel sees the input as it is while every channel's mean lies
-within this many standard deviations of zero; beyond, its float32 mean's
-rounding shows in the output, and the kernel runs on the shifted input."""
-VECTOR_WIDTH = 16
-"""float32 lanes of a 512-bit vector."""
-WIDEN_MIN_ELEMENTS = 1 << 15
-"""Below this many elements widening costs more ops than it saves."""
+"""The fused kernel sees the input as it is while every mean lies within this
+many spreads of zero: its float32 mean's rounding does not show there."""
+VECTOR_WIDTH = 16  # float32 lanes of a 512-bit vector
+WIDEN_MIN_ELEMENTS = 1 << 15  # below this, widening costs more ops than it saves
 
 _EMPTY = ()
 _XP = formulas.Namespace(tf, rsqrt=tf.math.rsqrt)
 
 
 def device(x) -> str | None:
-    """The type of device ``x``'s ops run on, known when tracing, or None for
-    what is not a TensorFlow tensor.
-
-    An eager tensor names its device. A symbolic one (``tf.function``)
-    usually names none; TensorFlow then places ops on a GPU where one is
-    visible, so that is the answer.
-    """
+    """The device type ``x``'s ops run on, or None for a non-TensorFlow object:
+    the one an eager tensor names, else where TensorFlow places ops."""
     if not tf.is_tensor(x):
         return None
     name = getattr(x, "device", "") or ""
@@ -133,20 +107,9 @@ def formulation(
     training: bool = True,
     device: str = CPU,
 ) -> Plan | None:
-    """How a call is computed: ``"fused"``, ``"widened"``, or ``"composite"``
-    in training and ``"affine"`` in inference (see the module docstring).
-
-    Args:
-        shape: the input's static shape; an unknown dimension counts as
-            :data:`~kerasbn.backends.plan.NOMINAL_DIM` where a size matters.
-        axes: the reduction axes.
-        dtype: the input's dtype.
-        epsilon: the layer's epsilon (cuDNN's fused kernel has a smallest).
-        training: whether the call uses batch statistics.
-        device: the device type (``"cpu"``, ``"gpu"``...).
-
-    Returns:
-        The plan, or None for a call that the fast path declines.
+    """The plan of a call (see :class:`kerasbn.backends.Kernels`): ``"fused"``,
+    ``"widened"``, else ``"composite"`` in training and ``"affine"`` in
+    inference; an unknown size counts as ``NOMINAL_DIM``.
 
     Example:
         >>> formulation((32, 56, 56, 64), [0, 1, 2]).formulation
@@ -161,35 +124,20 @@ def formulation(
     plan = Plan.of(shape, axes, device=device, training=training)
     if plan is None or dtype not in DTYPES:
         return None
-    if _fused(plan, epsilon):
-        return plan.using("fused")
-    if _widens(plan):
+    cpu, size = device == CPU, plan.nominal_size
+    if plan.channels_last and epsilon >= FUSED_MIN_EPSILON:
+        if not cpu or any(
+            plan.channels % m == 0 and size >= n for m, n in FUSED_THRESHOLDS
+        ):
+            return plan.using("fused")
+    if cpu and size >= WIDEN_MIN_ELEMENTS and _widening(plan) > 1:
         return plan.using("widened")
     return plan.using("composite" if training else "affine")
 
 
-def _fused(plan: Plan, epsilon: float) -> bool:
-    if not plan.channels_last or epsilon < FUSED_MIN_EPSILON:
-        return False
-    return plan.device != CPU or any(
-        plan.channels % multiple == 0 and plan.nominal_size >= smallest
-        for multiple, smallest in FUSED_THRESHOLDS
-    )
-
-
-def _widens(plan: Plan) -> bool:
-    return (
-        plan.device == CPU
-        and plan.nominal_size >= WIDEN_MIN_ELEMENTS
-        and _widening(plan) > 1
-    )
-
-
 def _widening(plan: Plan) -> int:
-    """``k`` for the ``(rows / k, k * C)`` view of a channels-last input: the
-    smallest that makes ``k * C`` a multiple of ``VECTOR_WIDTH``, halved until
-    it divides the rows; 1 for other inputs and ``4 * VECTOR_WIDTH`` channels
-    or more."""
+    """``k`` of the ``(rows / k, k * C)`` view: ``k * C`` a multiple of
+    ``VECTOR_WIDTH``, ``k`` dividing the rows; 1 where nothing is widened."""
     channels = plan.channels
     if not plan.channels_last or channels >= 4 * VECTOR_WIDTH:
         return 1
@@ -208,15 +156,11 @@ def _shape_of(x):
 class _Layout:
     """How the composite formulation sees ``x`` and its per-channel vectors.
 
-    Unwidened, ``x`` keeps its shape. Where the channel axes trail, a
-    per-channel vector has the shape of the channel axes (the layer's
-    weights as they are, which broadcast against ``x``) and a reduction runs
-    over the leading axes without keeping them, so that neither the weights
-    nor their gradients are reshaped. Otherwise a vector has the statistics'
-    keepdims shape, and a reduction runs over the trailing axes first, which
-    are contiguous, then over the leading ones. Widened by ``k``, ``x`` is a
-    ``(rows / k, k * C)`` matrix and a vector is ``(C,)``, repeated ``k``
-    times along a row.
+    Unwidened, ``x`` keeps its shape; with trailing channels a vector has the
+    channels' shape (the layer's weights and their gradients need no
+    reshape), else the keepdims shape, reduced over the contiguous trailing
+    axes first. Widened by ``k``, ``x`` is ``(rows / k, k * C)`` and a vector
+    ``(C,)``, repeated ``k`` times along a row.
     """
 
     def __init__(self, plan: Plan):
@@ -275,9 +219,8 @@ class _Layout:
         return t
 
     def first(self, xv):
-        """The first sample of each channel as a vector (0 for an empty batch):
-        the sum over a one-sample slice, which has the vector's static shape
-        also where a dimension is unknown."""
+        """The first sample of each channel (0 for an empty batch): a sum over
+        a one-sample slice has the vector's static shape."""
         if self.k > 1:
             return tf.reduce_sum(xv[:1, : self.plan.channels], axis=0)
         reduced = self.outer_axes + self.inner_axes
@@ -292,9 +235,20 @@ def _vector(value, plan: Plan, shape, default: float):
     return channel_vector(tf.cast(value, tf.float32), plan, tf, shape)
 
 
+def _fused(x4, scale, offset, mean, variance, epsilon: float, training: bool):
+    """``FusedBatchNormV3`` on the NHWC ``x4`` (empty statistics in training)."""
+    mean, variance = (tf.convert_to_tensor(v, tf.float32) for v in (mean, variance))
+    return tf.raw_ops.FusedBatchNormV3(
+        **dict(x=x4, scale=scale, offset=offset, mean=mean, variance=variance),
+        epsilon=epsilon,
+        exponential_avg_factor=1.0,
+        data_format="NHWC",
+        is_training=training,
+    )
+
+
 def _fused_view(x, plan: Plan):
-    """Channels-last ``x`` as the NHWC tensor ``(rows / r, r, 1, C)``, ``r <=
-    FUSED_IMAGE_ROWS``."""
+    """Channels-last ``x`` as NHWC ``(rows / r, r, 1, C)``, ``r <= FUSED_IMAGE_ROWS``."""
     rows = math.gcd(plan.known_outer, FUSED_IMAGE_ROWS)
     return tf.reshape(x, [-1, rows, 1, plan.channels])
 
@@ -321,14 +275,8 @@ def _composite_batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
             dgamma, dbeta, slope, constant = formulas.backward_coefficients(
                 layout.sum(dy), layout.sum(dy * d), count, offset, inv, scale
             )
-            dx = formulas.input_gradient(
-                dy,
-                d,
-                layout.spread(scale),
-                layout.spread(slope),
-                layout.spread(constant),
-                _XP,
-            )
+            vectors = map(layout.spread, (scale, slope, constant))
+            dx = formulas.input_gradient(dy, d, *vectors, _XP)
             return dx, dgamma, dbeta
 
         return (y, shift + offset, variance), grad
@@ -340,27 +288,13 @@ def _composite_batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
 
 
 def _fused_batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
-    """BN with the fused kernel; ``(y, mean, variance)``.
-
-    The ``tf.cond`` runs in the forward pass only: the gradient is the fused
-    gradient kernel of whichever input the kernel saw (BN's gradient does not
-    change with a constant shift), so nothing of the branch not taken is kept
-    for the backward pass.
-    """
+    """BN with the fused kernel; ``(y, mean, variance)``. The gradient is the
+    fused gradient kernel of the input the kernel saw (a shift does not change
+    it), so nothing of the ``tf.cond``'s other branch is kept."""
     x4 = _fused_view(x, plan)
 
     def fused(t, scale, offset):
-        return tf.raw_ops.FusedBatchNormV3(
-            x=t,
-            scale=scale,
-            offset=offset,
-            mean=tf.constant(_EMPTY, tf.float32),
-            variance=tf.constant(_EMPTY, tf.float32),
-            epsilon=epsilon,
-            exponential_avg_factor=1.0,
-            data_format="NHWC",
-            is_training=True,
-        )
+        return _fused(t, scale, offset, _EMPTY, _EMPTY, epsilon, training=True)
 
     @tf.custom_gradient
     def batch_norm(x4, scale, offset):
@@ -415,17 +349,8 @@ def _fused_batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
 
 
 def batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
-    """Training-mode BN of ``x`` as ``plan`` says (see :func:`formulation`).
-
-    Args:
-        x: the input tensor.
-        plan: its training plan.
-        gamma, beta: scale and offset broadcastable to ``x``, or None.
-        epsilon: added to the variance.
-
-    Returns:
-        ``(y, mean, variance)``: the output in float32, and the batch mean and
-        biased variance in float32 with the reduced axes kept (no gradient).
+    """Training-mode BN of ``x`` as ``plan`` says: ``(y, mean, variance)`` as
+    :func:`kerasbn.formulas.batch_normalize` returns them, in float32.
 
     Example:
         >>> x = tf.constant([[0.0], [2.0]])
@@ -442,17 +367,8 @@ def batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
 
 # ------------------------------------------------------------------ inference
 def normalize(x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
-    """Inference-mode BN of ``x`` as ``plan`` says (see :func:`formulation`).
-
-    Args:
-        x: the input tensor.
-        plan: its inference plan.
-        mean, variance, gamma, beta: per-channel values broadcastable to
-            ``x`` (gamma and beta may be None).
-        epsilon: added to the variance.
-
-    Returns:
-        ``gamma * (x - mean) / sqrt(variance + epsilon) + beta`` in float32.
+    """Inference-mode BN of ``x`` as ``plan`` says, as
+    :func:`kerasbn.formulas.normalize` computes it, in float32.
 
     Example:
         >>> x = tf.constant([[0.0], [2.0]])
@@ -463,18 +379,9 @@ def normalize(x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
                [ 1.]], dtype=float32)>
     """
     if plan.formulation == "fused":
-        vector = (plan.channels,)
-        y, *_ = tf.raw_ops.FusedBatchNormV3(
-            x=_fused_view(x, plan),
-            scale=_vector(gamma, plan, vector, 1.0),
-            offset=_vector(beta, plan, vector, 0.0),
-            mean=_vector(mean, plan, vector, 0.0),
-            variance=_vector(variance, plan, vector, 1.0),
-            epsilon=epsilon,
-            exponential_avg_factor=1.0,
-            data_format="NHWC",
-            is_training=False,
-        )
+        defaults = ((gamma, 1.0), (beta, 0.0), (mean, 0.0), (variance, 1.0))
+        vectors = [_vector(v, plan, (plan.channels,), d) for v, d in defaults]
+        y, *_ = _fused(_fused_view(x, plan), *vectors, epsilon, training=False)
         return tf.cast(tf.reshape(y, _shape_of(x)), tf.float32)
     layout = _Layout(plan)
     if layout.k == 1:
@@ -490,10 +397,8 @@ def normalize(x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
 
 # ------------------------------------------------------ non-finite guard
 def all_finite(first, *others):
-    """A scalar boolean: every element of every tensor is finite.
-
-    ``IsFinite`` and ``All`` of :func:`kerasbn.formulas.finite_probe`: one op
-    fewer than a sum on TensorFlow.
+    """A scalar boolean: ``IsFinite`` and ``All`` of
+    :func:`kerasbn.formulas.finite_probe`, one op fewer than a sum.
 
     Example:
         >>> bool(all_finite(tf.ones(2), tf.constant([0.0, float("inf")])))
@@ -504,23 +409,14 @@ def all_finite(first, *others):
 
 # ------------------------------------------------ synchronized statistics
 def global_moments(local: formulas.Moments) -> formulas.Moments:
-    """Merges the local moments of every tf.distribute replica in sync.
+    """The moments of all tf.distribute replicas in sync (``local`` outside).
 
     One ``all_gather`` (a single ``CollectiveGatherV2`` under the mirrored
     strategies) brings every replica's moments to every replica, and
     :func:`kerasbn.formulas.combine_moments` merges them exactly, weighted by
-    the counts, so uneven or empty replicas give the statistics of the global
-    batch. Every replica merges the same gathered tensor with the same ops, so
-    all get bit-identical statistics; gradients flow through ``all_gather`` to
-    every replica's inputs.
-
-    Args:
-        local: this replica's :class:`kerasbn.formulas.Moments`; all fields
-            have the same shape on every replica.
-
-    Returns:
-        The moments of the global batch (the local ones where there is no
-        cross-replica context to merge over).
+    the counts: every replica gets bit-identical statistics of the global
+    batch, uneven or empty replicas included, and gradients flow back to every
+    replica's inputs. ``local``'s fields have the same shape on every replica.
 
     Example:
         >>> m = formulas.sufficient_moments(tf.ones((2, 3)), [0])

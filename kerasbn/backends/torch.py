@@ -1,51 +1,35 @@
-"""The PyTorch kernels: PyTorch's own fused kernel on a view that copies nothing,
+"""The PyTorch kernels: PyTorch's fused kernel on a view that copies nothing,
 and ``torch.distributed`` statistics.
 
-A call is one ``torch.batch_norm`` (what ``torch.nn.functional.batch_norm``
-calls: the ATen CPU kernels, cuDNN or MIOpen on GPUs) with its registered
-autograd, on a view of the input chosen from static facts
-(:func:`formulation`):
+A call is one ``torch.batch_norm`` (the ATen CPU kernels, cuDNN or MIOpen)
+with its registered autograd, on a view chosen from static facts
+(:func:`formulation`): ``"channels_last"`` (4-D and 5-D channels-last inputs
+permuted to ``(N, C, ...)``, PyTorch's ``channels_last`` memory format),
+``"rows"`` (other channels-last inputs as ``(rows, C)``), ``"planes"``
+(``(outer, C, inner)``, e.g. channels first), or, in training on the CPU,
+``"matvec"``: for few channels off the CPU kernel's vector width, where it
+runs its scalar path, the ``(rows, C)`` matrix summed by matrix-vector
+products (BLAS) in one ``autograd.Function`` of :mod:`kerasbn.formulas`.
 
-* ``"channels_last"``: a 4-D or 5-D input with its channels last,
-  ``(N, H, W, C)``, permuted to ``(N, C, H, W)``: PyTorch's ``channels_last``
-  memory format, the layout its NHWC kernels take;
-* ``"rows"``: other inputs whose channel axes come last, as ``(rows, C)``;
-* ``"planes"``: channel axes followed by others (channels first), as
-  ``(outer, C, inner)``;
-* ``"matvec"`` (training on the CPU only): channels-last inputs with few
-  channels off the vector width (``MATVEC_MAX_CHANNELS``, not a multiple of
-  ``MATVEC_CHANNEL_MULTIPLE``), where the CPU kernel runs its scalar path:
-  the ``(rows, C)`` matrix summed by matrix-vector products (``ones @ t``,
-  vectorized and threaded by BLAS) in one ``autograd.Function`` of the
-  formulas of :mod:`kerasbn.formulas`.
+In training the kernel sees ``x - shift`` (the first sample per channel): its
+float32 mean of a large-mean input is off by an ulp, which ``1 / sqrt(
+epsilon)`` amplifies, while the shifted input keeps a constant channel at
+exactly 0. Its running buffers, handed over with momentum 1, receive the
+batch mean and the unbiased variance, scaled back exactly
+(:func:`~kerasbn.formulas.biased_variance`; ``1 / invstd**2 - epsilon``
+would lose a variance small next to epsilon).
 
-In training the kernel sees ``x - shift``, the input shifted by its first
-sample per channel: the kernel computes its mean in float32, and around a
-large mean that mean is off by an ulp, which ``1 / sqrt(epsilon)`` amplifies.
-Shifted, a constant channel is exactly 0 and a mean that dwarfs the spread
-keeps its variance. The subtraction also casts float16 and bfloat16 to
-float32, which the kernel needs anyway. The kernel keeps the batch mean and
-the unbiased variance in the running buffers it is handed (momentum 1
-replaces their contents); the variance is scaled back to the biased one
-(:func:`~kerasbn.formulas.biased_variance`), exact to float32 rounding,
-unlike ``1 / invstd**2 - epsilon``, which loses a variance small next to
-epsilon.
-
-Trace-safe: the formulation depends only on the rank, the channel axes and
-static sizes (a symbolic dimension counts as
-:data:`~kerasbn.backends.plan.NOMINAL_DIM`), inference makes no
-size-dependent choice, nothing is read back from the device, and
-permutations name non-negative axes, so ``torch.compile``, ``torch.export``
-and ONNX exporters trace the call as they trace Keras's BN.
-
-Outputs are float32 (float64 for float64 inputs); the statistics returned in
-training carry no gradient. Declined (the generic formulas serve the call):
-a mask, what is not a floating ``torch.Tensor``, an empty input, channel axes
-that are not adjacent (``axis=[1, 3]``, ghost batches), no reduction axis.
-Inference also falls back to :func:`kerasbn.formulas.normalize` for
-statistics that require a gradient (the kernel has none for them).
+Trace-safe: choices depend on the rank, the axes and static sizes (a
+symbolic one counts as :data:`~kerasbn.backends.plan.NOMINAL_DIM`), nothing
+is read on the host, and permutations name non-negative axes, so
+``torch.compile``, ``torch.export`` and ONNX exporters trace the call.
+Outputs are float32 (float64 for float64 inputs). Declined: a mask, what is
+not a floating ``torch.Tensor``, an empty input, channel axes that are not
+adjacent, no reduction axis; inference also leaves statistics that require a
+gradient to :func:`kerasbn.formulas.normalize`.
 
 Example:
+    >>> import torch
     >>> x = torch.randn(8, 4, 4, 3)
     >>> plan = formulation(x.shape, [0, 1, 2])
     >>> plan.formulation, formulation(x.shape, [0, 1, 2], dtype="int32")
@@ -57,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -80,12 +65,9 @@ __all__ = [
 ]
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
-MATVEC_MIN_SAMPLES = 4096
-"""Values per channel from which ``"matvec"`` may serve."""
-MATVEC_MAX_CHANNELS = 32
-"""``"matvec"`` serves fewer channels than this..."""
-MATVEC_CHANNEL_MULTIPLE = 8
-"""...that are not a multiple of this (the CPU kernel's vector width)."""
+MATVEC_MIN_SAMPLES = 4096  # values per channel from which "matvec" may serve,
+MATVEC_MAX_CHANNELS = 32  # for fewer channels than this
+MATVEC_CHANNEL_MULTIPLE = 8  # that are not a multiple of the CPU kernel's width
 
 _XP = formulas.Namespace(
     torch,
@@ -95,8 +77,7 @@ _XP = formulas.Namespace(
 
 
 def device(x) -> str | None:
-    """``x.device.type`` (``"cpu"``, ``"cuda"``, ``"meta"``...), or None for
-    what is not a ``torch.Tensor``."""
+    """``x.device.type``, or None for what is not a ``torch.Tensor``."""
     return x.device.type if isinstance(x, torch.Tensor) else None
 
 
@@ -114,19 +95,9 @@ def formulation(
     training: bool = True,
     device: str = CPU,
 ) -> Plan | None:
-    """How the kernel sees an input of ``shape`` (see the module docstring).
-
-    Args:
-        shape: the input's shape (ints or symbolic sizes).
-        axes: the reduction axes.
-        dtype: the input's dtype.
-        epsilon: the layer's epsilon (no choice depends on it).
-        training: whether the call uses batch statistics; ``"matvec"`` is
-            for training only, so inference makes no size-dependent choice.
-        device: the device type; ``"matvec"`` is for the CPU only.
-
-    Returns:
-        The plan, or None for a call that the fast path declines.
+    """The plan of a call (see :class:`kerasbn.backends.Kernels`): the view
+    the kernel takes; ``"matvec"`` in training on the CPU only, so that
+    inference makes no size-dependent choice.
 
     Example:
         >>> formulation((32, 56, 56, 64), [0, 1, 2]).formulation
@@ -163,25 +134,17 @@ def _kernel_dtype(x) -> torch.dtype:
 
 
 def _kernel_view(x, plan: Plan):
-    """``x`` in the layout that the kernel takes, with channels at axis 1 (no
-    copy where it can: channels last is a permutation to PyTorch's
-    ``channels_last`` memory format, spelled with non-negative axes)."""
+    """``x`` as the kernel takes it, channels at axis 1, with no copy where it
+    can (channels last is a permutation, with non-negative axes)."""
     if plan.formulation == "channels_last":
         rank = x.dim()
         return x.permute(0, rank - 1, *range(1, rank - 1))
-    outer = _product(x.shape[: plan.start])
+    outer = math.prod(x.shape[: plan.start])
     if plan.formulation in ("rows", "matvec"):
         shape = (outer, plan.channels)
     else:
-        shape = (outer, plan.channels, _product(x.shape[plan.stop :]))
+        shape = (outer, plan.channels, math.prod(x.shape[plan.stop :]))
     return x if tuple(x.shape) == shape else x.reshape(shape)
-
-
-def _product(sizes):
-    result = 1
-    for size in sizes:
-        result = result * size
-    return result
 
 
 def _restore(y, x, plan: Plan):
@@ -204,49 +167,31 @@ def _vector(value, plan: Plan, dtype, default: float | None = None):
 
 
 def _batch_norm(x, weight, bias, mean, variance, training, momentum, epsilon):
-    """``torch.batch_norm``, what ``torch.nn.functional.batch_norm`` calls.
-
-    Called directly, it skips that wrapper's Python checks (the layer has
-    made them) and accepts ``epsilon=0`` as :mod:`kerasbn.formulas` does.
-    """
-    return torch.batch_norm(
-        x,
-        weight,
-        bias,
-        mean,
-        variance,
-        training,
-        momentum,
-        epsilon,
-        torch.backends.cudnn.enabled,
-    )
+    """``torch.batch_norm`` itself: without ``torch.nn.functional``'s Python
+    checks (the layer made them), and with ``epsilon=0`` allowed."""
+    cudnn = torch.backends.cudnn.enabled
+    args = (x, weight, bias, mean, variance, training, momentum, epsilon, cudnn)
+    return torch.batch_norm(*args)
 
 
 # ------------------------------------------------------------------- training
 class _MatVecBatchNorm(torch.autograd.Function):
-    """BN of a ``(rows, C)`` matrix with its sums as matrix-vector products.
-
-    The sums are of ``d = x - shift`` with the first row as the shift, as in
-    :mod:`kerasbn.formulas`; the backward pass recomputes ``d`` rather than
-    keeping a copy of the input alive.
-
-    ``forward(x, gamma, beta, epsilon) -> (y, mean, variance)``; gamma and
-    beta are ``(C,)`` tensors, the statistics carry no gradient.
-    """
+    """BN of a ``(rows, C)`` matrix, its sums matrix-vector products:
+    ``forward(x, gamma, beta, epsilon) -> (y, mean, variance)`` with ``(C,)``
+    gamma and beta. The backward pass recomputes ``d = x - shift`` rather
+    than keep a copy alive."""
 
     @staticmethod
     def forward(ctx, x, gamma, beta, epsilon):
         n = x.shape[0]
-        ones = x.new_ones(1, n)
-        shift = x[:1]
+        ones = x.new_ones(n)  # ones @ t: the column sums of t, as a (C,) vector
+        shift = x[0]
         d = x - shift
-        offset, variance = formulas.shifted_statistics(
-            (ones @ d)[0], (ones @ (d * d))[0], n, _XP
-        )
+        offset, variance = formulas.shifted_statistics(ones @ d, ones @ (d * d), n, _XP)
         inv = formulas.inverse_std(variance, epsilon, _XP)
         scale, bias = formulas.affine(inv, offset, gamma, beta)
         y = formulas.normalized(d, scale, bias, _XP)
-        mean = shift[0] + offset
+        mean = shift + offset
         ctx.save_for_backward(x, shift, offset, inv, scale)
         ctx.mark_non_differentiable(mean, variance)
         return y, mean, variance
@@ -254,10 +199,10 @@ class _MatVecBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _mean, _variance):
         x, shift, offset, inv, scale = ctx.saved_tensors
-        ones = x.new_ones(1, x.shape[0])
+        ones = x.new_ones(x.shape[0])
         d = x - shift
         dgamma, dbeta, slope, constant = formulas.backward_coefficients(
-            (ones @ dy)[0], (ones @ (dy * d))[0], x.shape[0], offset, inv, scale
+            ones @ dy, ones @ (dy * d), x.shape[0], offset, inv, scale
         )
         dx = formulas.input_gradient(dy, d, scale, slope, constant, _XP)
         return dx, dgamma, dbeta, None
@@ -273,14 +218,7 @@ def _kernel_batch_normalize(xv, gamma, beta, epsilon: float, plan: Plan):
     running_mean = torch.zeros(plan.channels, dtype=dtype, device=xv.device)
     running_var = torch.zeros(plan.channels, dtype=dtype, device=xv.device)
     y = _batch_norm(
-        xv - shift,
-        gamma,
-        beta,
-        running_mean,
-        running_var,
-        training=True,
-        momentum=1.0,
-        epsilon=epsilon,
+        xv - shift, gamma, beta, running_mean, running_var, True, 1.0, epsilon
     )
     mean = shift.reshape(plan.channels) + running_mean
     variance = formulas.biased_variance(running_var, xv.numel() // plan.channels)
@@ -288,18 +226,8 @@ def _kernel_batch_normalize(xv, gamma, beta, epsilon: float, plan: Plan):
 
 
 def batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
-    """Training-mode BN of ``x`` as ``plan`` says (see :func:`formulation`).
-
-    Args:
-        x: the input tensor.
-        plan: its training plan.
-        gamma, beta: scale and offset broadcastable to ``x``, or None.
-        epsilon: added to the variance.
-
-    Returns:
-        ``(y, mean, variance)``: the output in float32 (float64 for float64
-        inputs), and the batch mean and biased variance in that dtype with
-        the reduced axes kept (no gradient).
+    """Training-mode BN of ``x`` as ``plan`` says: ``(y, mean, variance)`` as
+    :func:`kerasbn.formulas.batch_normalize` returns them.
 
     Example:
         >>> x = torch.tensor([[0.0], [2.0]])
@@ -329,21 +257,9 @@ def batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
 
 # ------------------------------------------------------------------ inference
 def normalize(x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
-    """Inference-mode BN: one ``torch.batch_norm`` call with the given
-    statistics on the plan's view (``"matvec"`` views rows), or
-    :func:`kerasbn.formulas.normalize` where the statistics require a
-    gradient.
-
-    Args:
-        x: the input tensor.
-        plan: its inference plan.
-        mean, variance, gamma, beta: per-channel values broadcastable to
-            ``x`` (gamma and beta may be None).
-        epsilon: added to the variance.
-
-    Returns:
-        ``gamma * (x - mean) / sqrt(variance + epsilon) + beta`` in float32
-        (float64 for float64 inputs).
+    """Inference-mode BN as :func:`kerasbn.formulas.normalize`: one
+    ``torch.batch_norm`` on the plan's view, or that function itself where the
+    statistics require a gradient (the kernel has none for them).
 
     Example:
         >>> x = torch.tensor([[0.0], [2.0]])
@@ -357,26 +273,17 @@ def normalize(x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
     ):
         return formulas.normalize(x, mean, variance, gamma, beta, epsilon)
     dtype = _kernel_dtype(x)
-    y = _batch_norm(
-        _kernel_view(x.to(dtype), plan),
-        _vector(gamma, plan, dtype),
-        _vector(beta, plan, dtype),
-        _vector(mean, plan, dtype),
-        _vector(variance, plan, dtype),
-        training=False,
-        momentum=0.0,
-        epsilon=epsilon,
-    )
+    vectors = (_vector(v, plan, dtype) for v in (gamma, beta, mean, variance))
+    xv = _kernel_view(x.to(dtype), plan)
+    y = _batch_norm(xv, *vectors, False, 0.0, epsilon)
     return _restore(y, x, plan)
 
 
 # ------------------------------------------------------ non-finite guard
 def all_finite(first, *others):
-    """A scalar boolean tensor: every element of every tensor is finite.
-
-    ``isfinite(...).all()`` of :func:`kerasbn.formulas.finite_probe`, in
-    PyTorch's own ops: eager PyTorch pays each Keras op's dispatch, which is
-    much of a small layer's step. The result stays on the device.
+    """A scalar boolean tensor, on the device: ``isfinite(...).all()`` of
+    :func:`kerasbn.formulas.finite_probe`, in PyTorch's ops (eager PyTorch
+    pays each Keras op's dispatch).
 
     Example:
         >>> all_finite(torch.ones(2), torch.tensor([0.0, float("inf")]))
@@ -390,27 +297,14 @@ def all_finite(first, *others):
 
 # ------------------------------------------------ synchronized statistics
 def global_moments(local: formulas.Moments) -> formulas.Moments:
-    """Merges the local moments of every ``torch.distributed`` process.
+    """The moments of all ``torch.distributed`` processes; ``local`` without a
+    group of several processes, and on the "meta" device (Keras's tracing).
 
-    With an initialized process group of more than one process, one
-    ``all_gather`` brings every process's moments to every process, and
-    :func:`kerasbn.formulas.combine_moments` merges them exactly, weighted by
-    the counts, so uneven or empty local batches give the statistics of the
-    global batch; every process gets bit-identical statistics. The gather is
-    differentiable: its backward sums every process's gradient for each
-    process's moments (one ``all_reduce``), so each process gets the gradient
-    of the global-batch BN for its own inputs, as ``torch.nn.SyncBatchNorm``
-    gives. Every process must call the layer the same number of times, as
-    with any collective.
-
-    Args:
-        local: this process's :class:`kerasbn.formulas.Moments`; all fields
-            have the same shape and dtype on every process.
-
-    Returns:
-        The moments of the global batch; the local ones without a process
-        group (or with one process), and on the "meta" device, where Keras
-        traces shapes.
+    One differentiable ``all_gather`` brings every process's moments to every
+    process, and :func:`kerasbn.formulas.combine_moments` merges them exactly,
+    weighted by the counts: bit-identical statistics of the global batch, and
+    each process gets the gradient of the global-batch BN for its inputs, as
+    with ``torch.nn.SyncBatchNorm``. Every process calls the layer as often.
 
     Example:
         >>> m = formulas.sufficient_moments(torch.ones(2, 3), [0])
@@ -430,11 +324,8 @@ def _distributed() -> bool:
 
 
 class _AllGather(torch.autograd.Function):
-    """``(...) -> (world_size, ...)``: every process's tensor, in rank order.
-
-    Backward: the gradients of all processes for this process's slice,
-    summed by one ``all_reduce``.
-    """
+    """``(...) -> (world_size, ...)``, in rank order; backward sums every
+    process's gradient for this process's slice (one ``all_reduce``)."""
 
     @staticmethod
     def forward(ctx, tensor):
