@@ -333,11 +333,16 @@ def assert_implements_kernel_contract(module):
     import inspect
 
     from kerasbn import backends
+    from kerasbn.backends.plan import KERNEL_FUNCTIONS
 
     assert isinstance(module, backends.Kernels)
-    for name, member in vars(backends.Kernels).items():
-        if name.startswith("_") or not callable(member):
-            continue
+    members = {
+        name: member
+        for name, member in vars(backends.Kernels).items()
+        if not name.startswith("_") and callable(member)
+    }
+    assert set(members) == set(KERNEL_FUNCTIONS) <= set(module.__all__)
+    for name, member in members.items():
         expected = list(inspect.signature(member).parameters.values())[1:]
         actual = list(inspect.signature(getattr(module, name)).parameters.values())
         assert [(p.name, p.kind, p.default) for p in actual] == [

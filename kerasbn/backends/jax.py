@@ -46,21 +46,14 @@ import jax
 import jax.numpy as jnp
 
 from kerasbn import formulas
-from kerasbn.backends.plan import CPU, Plan, channel_vector
+from kerasbn.backends.plan import CPU, KERNEL_FUNCTIONS, Plan, channel_vector
 
 __all__ = [
+    *KERNEL_FUNCTIONS,
     "DTYPES",
     "GUARD_LANES",
     "ROUGH_MAX_MEAN_SPREADS",
     "ROUGH_MIN_ELEMENTS",
-    "all_finite",
-    "assert_divisible",
-    "batch_normalize",
-    "default_device",
-    "device",
-    "formulation",
-    "global_moments",
-    "normalize",
 ]
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")

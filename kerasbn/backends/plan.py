@@ -16,7 +16,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["CPU", "NOMINAL_DIM", "Plan", "channel_vector"]
+__all__ = ["CPU", "KERNEL_FUNCTIONS", "NOMINAL_DIM", "Plan", "channel_vector"]
+
+KERNEL_FUNCTIONS = (
+    *("device", "default_device", "formulation", "batch_normalize", "normalize"),
+    *("all_finite", "global_moments", "assert_divisible"),
+)
+"""The functions every backend module defines: the members of
+:class:`kerasbn.backends.Kernels`, whose docstrings state their contracts."""
 
 NOMINAL_DIM = 32
 """Stands for an unknown or symbolic size where a choice depends on a size."""

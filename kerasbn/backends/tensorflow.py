@@ -46,9 +46,10 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from kerasbn import formulas
-from kerasbn.backends.plan import CPU, Plan, channel_vector
+from kerasbn.backends.plan import CPU, KERNEL_FUNCTIONS, Plan, channel_vector
 
 __all__ = [
+    *KERNEL_FUNCTIONS,
     "DTYPES",
     "FUSED_IMAGE_ROWS",
     "FUSED_MAX_MEAN_SPREADS",
@@ -56,14 +57,6 @@ __all__ = [
     "FUSED_THRESHOLDS",
     "VECTOR_WIDTH",
     "WIDEN_MIN_ELEMENTS",
-    "all_finite",
-    "assert_divisible",
-    "batch_normalize",
-    "default_device",
-    "device",
-    "formulation",
-    "global_moments",
-    "normalize",
 ]
 
 DTYPES = ("float16", "bfloat16", "float32")

@@ -47,21 +47,14 @@ from collections.abc import Sequence
 import torch
 
 from kerasbn import formulas
-from kerasbn.backends.plan import CPU, Plan, channel_vector
+from kerasbn.backends.plan import CPU, KERNEL_FUNCTIONS, Plan, channel_vector
 
 __all__ = [
+    *KERNEL_FUNCTIONS,
     "DTYPES",
     "MATVEC_CHANNEL_MULTIPLE",
     "MATVEC_MAX_CHANNELS",
     "MATVEC_MIN_SAMPLES",
-    "all_finite",
-    "assert_divisible",
-    "batch_normalize",
-    "default_device",
-    "device",
-    "formulation",
-    "global_moments",
-    "normalize",
 ]
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
