@@ -82,6 +82,7 @@ from harness import (  # noqa: E402
 BACKEND = select_backend()
 
 import importlib  # noqa: E402
+import math  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -239,16 +240,35 @@ def table(results: list[dict], memory: dict | None) -> str:
     return text
 
 
-def print_kernels(shapes) -> None:
-    """The XLA kernels of the Keras layers' compiled train steps, per shape."""
+def print_kernels(shapes, block: bool = False) -> None:
+    """The XLA kernels of the compiled train steps (of the layers, or with
+    ``block`` of the blocks) per shape, and XLA's estimate of the bytes each
+    step accesses, in units of the BN input's size."""
     rows = []
     for shape, axis in shapes:
-        counts = [
-            steps.train_kernels(build(name, shape, axis), shape)
-            for name in ("kerasbn", "keras")
-        ]
-        rows.append([f"{tuple(shape)} ({axis})", *counts])
-    print(markdown_table(["shape (axis)", "kerasbn kernels", "Keras 3 kernels"], rows))
+        counts = {}
+        for name, norm in (
+            ("kerasbn", kerasbn.BatchNorm),
+            ("keras", keras.layers.BatchNormalization),
+        ):
+            if block:
+                model = keras_block(norm(axis=axis), shape, axis)
+                in_shape = block_input_shape(shape, axis)
+                counts[name] = steps.block_kernels(model, in_shape, shape)
+            else:
+                counts[name] = steps.train_kernels(build(name, shape, axis), shape)
+        size = 4 * math.prod(shape)
+        rows.append(
+            [
+                f"{tuple(shape)} ({axis})",
+                *(counts[n][0] for n in counts),
+                *(f"{counts[n][1] / size:.1f}" for n in counts),
+            ]
+        )
+    header = ["BN input (axis)" if block else "shape (axis)"]
+    header += ["kerasbn kernels", "Keras 3 kernels"]
+    header += ["kerasbn bytes / input", "Keras 3 bytes / input"]
+    print(markdown_table(header, rows))
 
 
 def block_input_shape(shape, axis: int) -> tuple[int, ...]:
@@ -378,7 +398,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--kernels",
         action="store_true",
-        help="JAX: print the XLA kernels of each train step, then stop",
+        help="JAX: print the XLA kernels and bytes accessed of each train step "
+        "(with --block, of each block's), then stop",
     )
     add_backend_flag(parser)
     add_output_flags(parser, "peak RSS per step")
@@ -389,7 +410,7 @@ def main(argv=None) -> None:
     if args.kernels:
         if not hasattr(steps, "train_kernels"):
             parser.error(f"--kernels counts XLA kernels (JAX); got --backend {BACKEND}")
-        print_kernels(parse_shapes(args.shapes))
+        print_kernels(parse_shapes(args.shapes), args.block)
         return
     if args.harness == "eager" and not hasattr(steps, "eager_train_step"):
         parser.error(

@@ -148,10 +148,19 @@ def _flax_train(layer: FlaxBatchNorm):
     )
 
 
-def train_kernels(layer, shape: Sequence[int]) -> int:
+def train_kernels(layer, shape: Sequence[int]) -> tuple[int, float]:
     """The kernels of the compiled train step of a built Keras layer
-    (:func:`xla_programs.train_step_ops`)."""
-    return len(xla_programs.train_step_ops(layer, shape))
+    (:func:`xla_programs.train_step_ops`) and its bytes accessed."""
+    program = xla_programs.train_step_program(layer, shape)
+    kernels = len(xla_programs.entry_ops(program.as_text()))
+    return kernels, xla_programs.bytes_accessed(program)
+
+
+def block_kernels(model, in_shape, out_shape) -> tuple[int, float]:
+    """The kernels and bytes accessed of a block's compiled train step."""
+    program = xla_programs.block_step_program(model, in_shape, out_shape)
+    kernels = len(xla_programs.entry_ops(program.as_text()))
+    return kernels, xla_programs.bytes_accessed(program)
 
 
 def train_step(layer, shape: Sequence[int]) -> Callable[[object, object], object]:
