@@ -30,6 +30,20 @@ copy), measured in the same rounds; "% floor" is floor time / measured time.
 in a fresh process: the peak resident set size (RSS) during three steps, above
 the RSS before them.
 
+``--block`` times BN between its neighbours instead, as it runs in a model:
+the train step of a block ``producer -> BN -> ReLU`` whose BN input has each
+shape, the producer a 1x1 convolution (``Conv1D/2D/3D``, the BN's data
+format) or, for 2-D inputs, a ``Dense`` layer, both without bias, from
+``BLOCK_IN_CHANNELS`` channels. The step is the gradient of
+``sum(block(x) * dy)`` with respect to the trainable weights, so the block's
+output is consumed rather than returned and the compiler may fuse BN's
+element-wise work into its neighbours. The contenders are the block with
+kerasbn, with Keras's BN, the native peer's block (tf.keras;
+``flax.linen``, channels-last only; ``torch.nn`` in PyTorch's
+``channels_last`` memory format) and the block without BN; "BN in block" is
+each block's time minus the block without BN. Every contender's block starts
+from the same weights, and their losses are checked to agree.
+
 Run:
     python benchmarks/bench_layer.py
     python benchmarks/bench_layer.py --backend jax
@@ -37,6 +51,10 @@ Run:
     python benchmarks/bench_layer.py --backend torch --shapes 32,24,24,10 32,100
     python benchmarks/bench_layer.py --backend torch --harness eager
     python benchmarks/bench_layer.py --backend jax --kernels
+    python benchmarks/bench_layer.py --backend jax --block
+
+The scripts import ``kerasbn`` from ``PYTHONPATH``, so one copy of them can
+time two checkouts of kerasbn (``compare_checkouts.py`` alternates them).
 """
 
 from __future__ import annotations
@@ -64,8 +82,12 @@ from harness import (  # noqa: E402
 BACKEND = select_backend()
 
 import importlib  # noqa: E402
+import math  # noqa: E402
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
+
+import kerasbn  # noqa: E402
 
 steps = importlib.import_module(f"steps_{BACKEND}")
 CONTENDERS = steps.CONTENDERS
@@ -83,6 +105,7 @@ SHAPES = [
     ((32, 100), -1),
 ]
 TRAIN_PASSES, INFER_PASSES = 8, 2
+BLOCK_IN_CHANNELS = 16  # the block producer's input channels
 
 
 def build(name: str, shape, axis: int, weights=None):
@@ -149,7 +172,7 @@ def measure_shape(
     return {
         "shape": list(shape),
         "axis": axis,
-        "formulation": steps.formulation(shape, axis),
+        "formulation": formulation_label(shape, axis),
         "copy_bandwidth_GBps": 2 * nbytes / copy_s / 1e9,
         "floor_s": {
             "train": TRAIN_PASSES / 2 * copy_s,
@@ -157,6 +180,15 @@ def measure_shape(
         },
         "median_s": medians,
     }
+
+
+def formulation_label(shape, axis: int) -> str:
+    """kerasbn's formulation of this train step, or ``"?"`` where the kerasbn
+    on ``PYTHONPATH`` predates :func:`kerasbn.backends.formulation`."""
+    try:
+        return steps.formulation(shape, axis)
+    except (AttributeError, TypeError):
+        return "?"
 
 
 def table(results: list[dict], memory: dict | None) -> str:
@@ -208,16 +240,120 @@ def table(results: list[dict], memory: dict | None) -> str:
     return text
 
 
-def print_kernels(shapes) -> None:
-    """The XLA kernels of the Keras layers' compiled train steps, per shape."""
+def print_kernels(shapes, block: bool = False) -> None:
+    """The XLA kernels of the compiled train steps (of the layers, or with
+    ``block`` of the blocks) per shape, and XLA's estimate of the bytes each
+    step accesses, in units of the BN input's size."""
     rows = []
     for shape, axis in shapes:
-        counts = [
-            steps.train_kernels(build(name, shape, axis), shape)
-            for name in ("kerasbn", "keras")
-        ]
-        rows.append([f"{tuple(shape)} ({axis})", *counts])
-    print(markdown_table(["shape (axis)", "kerasbn kernels", "Keras 3 kernels"], rows))
+        counts = {}
+        for name, norm in (
+            ("kerasbn", kerasbn.BatchNorm),
+            ("keras", keras.layers.BatchNormalization),
+        ):
+            if block:
+                model = keras_block(norm(axis=axis), shape, axis)
+                in_shape = block_input_shape(shape, axis)
+                counts[name] = steps.block_kernels(model, in_shape, shape)
+            else:
+                counts[name] = steps.train_kernels(build(name, shape, axis), shape)
+        size = 4 * math.prod(shape)
+        rows.append(
+            [
+                f"{tuple(shape)} ({axis})",
+                *(counts[n][0] for n in counts),
+                *(f"{counts[n][1] / size:.1f}" for n in counts),
+            ]
+        )
+    header = ["BN input (axis)" if block else "shape (axis)"]
+    header += ["kerasbn kernels", "Keras 3 kernels"]
+    header += ["kerasbn bytes / input", "Keras 3 bytes / input"]
+    print(markdown_table(header, rows))
+
+
+def block_input_shape(shape, axis: int) -> tuple[int, ...]:
+    """The block's input: ``shape`` with ``BLOCK_IN_CHANNELS`` channels."""
+    shape = list(shape)
+    shape[axis] = BLOCK_IN_CHANNELS
+    return tuple(shape)
+
+
+def keras_block(norm, shape, axis: int) -> keras.Model:
+    """A built Keras block ``producer -> norm -> ReLU`` (no ``norm`` if None)."""
+    rank = len(shape)
+    if rank == 2:
+        producer = keras.layers.Dense(shape[-1], use_bias=False)
+    else:
+        conv = {3: keras.layers.Conv1D, 4: keras.layers.Conv2D, 5: keras.layers.Conv3D}
+        data_format = "channels_last" if axis % rank == rank - 1 else "channels_first"
+        producer = conv[rank](shape[axis], 1, use_bias=False, data_format=data_format)
+    in_shape = block_input_shape(shape, axis)
+    layers = [producer] + ([] if norm is None else [norm]) + [keras.layers.ReLU()]
+    return keras.Sequential(
+        [keras.Input(in_shape[1:], batch_size=in_shape[0]), *layers]
+    )
+
+
+def measure_block(shape, axis: int, rounds: int, budget_s: float) -> dict:
+    """Medians (seconds) of every contender's block train step (``--block``)."""
+    rng = np.random.default_rng(0)
+    in_shape = block_input_shape(shape, axis)
+    x = steps.to_tensor(rng.normal(0.5, 2.0, in_shape).astype("float32"))
+    # Positive: the loss sums positive terms, so contenders' losses compare.
+    dy = steps.to_tensor(rng.uniform(0.5, 1.5, shape).astype("float32"))
+    ours = keras_block(kerasbn.BatchNorm(axis=axis), shape, axis)
+    weights = ours.get_weights()
+    theirs = keras_block(keras.layers.BatchNormalization(axis=axis), shape, axis)
+    theirs.set_weights(weights)
+    bare = keras_block(None, shape, axis)
+    bare.set_weights(weights[:1])
+    blocks = {"kerasbn": steps.block_step(ours), "keras": steps.block_step(theirs)}
+    peer = next(p for p in steps.PEERS if p != "keras")
+    native = steps.native_block(shape, axis, in_shape, weights)
+    if native is not None:
+        blocks[peer] = native
+    blocks["no_bn"] = steps.block_step(bare)
+    losses = {name: float(np.asarray(step(x, dy)[0])) for name, step in blocks.items()}
+    for name in blocks:  # the same block, the same loss (ReLU of BN's output)
+        if name != "no_bn" and not np.isclose(losses[name], losses["keras"], 1e-3):
+            raise AssertionError(f"block losses disagree at {shape}: {losses}")
+    calls = {name: lambda step=step: step(x, dy) for name, step in blocks.items()}
+    for fn in calls.values():  # warm up
+        fn()
+    repeats = calibrate(calls["keras"], budget_s)
+    return {
+        "shape": list(shape),
+        "axis": axis,
+        "block_input": list(in_shape),
+        "median_s": interleaved_medians(calls, rounds, repeats),
+    }
+
+
+def block_table(results: list[dict]) -> str:
+    """The ``--block`` table: each block's time, kerasbn's speed-up over each
+    peer's block, and BN's share (the block's time minus the block without BN)."""
+    peers = {p: label for p, label in steps.PEERS.items()}
+    header = [
+        "BN input (axis)",
+        *(f"{n} ms" for n in ["kerasbn", *peers, "no_bn"]),
+        *(f"vs {label}" for label in peers.values()),
+        "BN in block ms: " + " / ".join(["kerasbn", *peers]),
+    ]
+    rows = []
+    for r in results:
+        t = r["median_s"]
+        names = ["kerasbn", *peers]
+        rows.append(
+            [
+                f"{tuple(r['shape'])} ({r['axis']})",
+                *(f"{t[n] * 1e3:.3f}" if n in t else "-" for n in [*names, "no_bn"]),
+                *(f"{t[p] / t['kerasbn']:.2f}x" if p in t else "-" for p in peers),
+                " / ".join(
+                    f"{(t[n] - t['no_bn']) * 1e3:.3f}" if n in t else "-" for n in names
+                ),
+            ]
+        )
+    return markdown_table(header, rows)
 
 
 def rss_child(name: str, shape_text: str, axis_text: str) -> None:
@@ -255,9 +391,15 @@ def main(argv=None) -> None:
         "an eager layer(x, training=True) and backward() of (y * dy).sum()",
     )
     parser.add_argument(
+        "--block",
+        action="store_true",
+        help="time the train step of producer -> BN -> ReLU blocks instead",
+    )
+    parser.add_argument(
         "--kernels",
         action="store_true",
-        help="JAX: print the XLA kernels of each train step, then stop",
+        help="JAX: print the XLA kernels and bytes accessed of each train step "
+        "(with --block, of each block's), then stop",
     )
     add_backend_flag(parser)
     add_output_flags(parser, "peak RSS per step")
@@ -268,7 +410,7 @@ def main(argv=None) -> None:
     if args.kernels:
         if not hasattr(steps, "train_kernels"):
             parser.error(f"--kernels counts XLA kernels (JAX); got --backend {BACKEND}")
-        print_kernels(parse_shapes(args.shapes))
+        print_kernels(parse_shapes(args.shapes), args.block)
         return
     if args.harness == "eager" and not hasattr(steps, "eager_train_step"):
         parser.error(
@@ -276,6 +418,9 @@ def main(argv=None) -> None:
         )
     env = machine()
     print(f"# {env}", flush=True)
+    if args.block:
+        run_blocks(args, env)
+        return
     results = []
     for shape, axis in parse_shapes(args.shapes):
         results.append(
@@ -308,6 +453,24 @@ def main(argv=None) -> None:
         payload["memory_mb"] = [
             {"shape": list(s), "axis": a, **v} for (s, a), v in memory.items()
         ]
+    write_json(args.json, payload)
+
+
+def run_blocks(args, env: dict) -> None:
+    """``--block``: every shape's block step, a table and the JSON file."""
+    results = []
+    for shape, axis in parse_shapes(args.shapes):
+        results.append(measure_block(shape, axis, args.rounds, args.budget))
+        medians = results[-1]["median_s"]
+        print(
+            f"block {tuple(shape)} axis={axis}: "
+            + " ".join(f"{k}={v * 1e3:.3f}ms" for k, v in medians.items()),
+            flush=True,
+        )
+    print(f"\n# load average at the end: {os.getloadavg()}")
+    print(block_table(results))
+    payload = {"machine": env, "rounds": args.rounds, "mode": "block"}
+    payload["results"] = results
     write_json(args.json, payload)
 
 

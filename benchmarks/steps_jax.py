@@ -148,10 +148,19 @@ def _flax_train(layer: FlaxBatchNorm):
     )
 
 
-def train_kernels(layer, shape: Sequence[int]) -> int:
+def train_kernels(layer, shape: Sequence[int]) -> tuple[int, float]:
     """The kernels of the compiled train step of a built Keras layer
-    (:func:`xla_programs.train_step_ops`)."""
-    return len(xla_programs.train_step_ops(layer, shape))
+    (:func:`xla_programs.train_step_ops`) and its bytes accessed."""
+    program = xla_programs.train_step_program(layer, shape)
+    kernels = len(xla_programs.entry_ops(program.as_text()))
+    return kernels, xla_programs.bytes_accessed(program)
+
+
+def block_kernels(model, in_shape, out_shape) -> tuple[int, float]:
+    """The kernels and bytes accessed of a block's compiled train step."""
+    program = xla_programs.block_step_program(model, in_shape, out_shape)
+    kernels = len(xla_programs.entry_ops(program.as_text()))
+    return kernels, xla_programs.bytes_accessed(program)
 
 
 def train_step(layer, shape: Sequence[int]) -> Callable[[object, object], object]:
@@ -180,11 +189,85 @@ def inference_step(layer, shape: Sequence[int]) -> Callable[[object], object]:
     return lambda x: jax.block_until_ready(infer(x, trainable, non_trainable))
 
 
-def formulation(shape: Sequence[int], axis: int) -> str:
-    """How kerasbn computes a float32 train step of this shape."""
+def formulation(shape, axis: int) -> str:
+    """How kerasbn computes a float32 train step of this shape: its backend
+    module's formulation, or ``"generic"`` (:mod:`kerasbn.formulas`)."""
     axes = [a for a in range(len(shape)) if a != axis % len(shape)]
-    if backends.implementation(jnp.zeros(shape), axes) is backends.ops:
-        return "generic"
-    from kerasbn.backends import jax as jax_backend
+    plan = backends.formulation(shape, axes)
+    return "generic" if plan is None else plan.formulation
 
-    return jax_backend.formulation(shape, axes)
+
+# ---------------------------------------------------------------------- blocks
+def block_step(model: keras.Model) -> Callable[[object, object], object]:
+    """The jitted train step of a built Keras block (``bench_layer.py --block``).
+
+    ``jax.value_and_grad`` of ``vdot(block(x), dy)`` with respect to the
+    trainable weights, through ``stateless_call`` as Keras's JAX trainer
+    runs a model: the block's output is consumed, not returned, so XLA may
+    fuse the normalization into the loss and the ReLU. Returns the loss, the
+    gradients and the new moving statistics.
+    """
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    @jax.jit
+    def step(x, dy, trainable, non_trainable):
+        def loss(trainable):
+            y, new = model.stateless_call(trainable, non_trainable, x, training=True)
+            return jnp.vdot(y, dy), new
+
+        (value, new), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+        return value, grads, new
+
+    return lambda x, dy: jax.block_until_ready(step(x, dy, trainable, non_trainable))
+
+
+class _FlaxBlock(nn.Module):
+    """A 1x1 convolution (or a dense layer), ``flax.linen.BatchNorm``, ReLU."""
+
+    features: int
+    rank: int
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if self.rank == 2:
+            x = nn.Dense(self.features, use_bias=False)(x)
+        else:
+            x = nn.Conv(self.features, (1,) * (self.rank - 2), use_bias=False)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3)(x)
+        return nn.relu(x)
+
+
+def native_block(shape, axis: int, in_shape, weights):
+    """The flax block of ``bench_layer.py --block``, or None (channels first:
+    ``flax.linen.Conv`` takes channels-last inputs only).
+
+    Args:
+        shape: the BN input's shape; ``axis`` its channel axis.
+        in_shape: the block's input shape.
+        weights: the Keras block's weights: kernel, gamma, beta, moving
+            mean and variance.
+    """
+    if axis % len(shape) != len(shape) - 1:
+        return None
+    module = _FlaxBlock(shape[-1], len(shape))
+    kernel, gamma, beta, mean, var = (jnp.asarray(w) for w in weights)
+    layer = "Dense_0" if len(shape) == 2 else "Conv_0"
+    params = {layer: {"kernel": kernel}, "BatchNorm_0": {"scale": gamma, "bias": beta}}
+    batch_stats = {"BatchNorm_0": {"mean": mean, "var": var}}
+
+    @jax.jit
+    def step(x, dy, params, batch_stats):
+        def loss(params):
+            y, updates = module.apply(
+                {"params": params, "batch_stats": batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return jnp.vdot(y, dy), updates["batch_stats"]
+
+        (value, new), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return value, grads, new
+
+    return lambda x, dy: jax.block_until_ready(step(x, dy, params, batch_stats))

@@ -89,11 +89,50 @@ def graph_ops(function, *args) -> dict[str, int]:
 
 
 def formulation(shape, axis: int) -> str:
-    """How kerasbn computes a train step of this shape."""
+    """How kerasbn computes a float32 train step of this shape: its backend
+    module's formulation, or ``"generic"`` (:mod:`kerasbn.formulas`)."""
     axes = [a for a in range(len(shape)) if a != axis % len(shape)]
-    x = tf.zeros(shape)
-    if backends.implementation(x, axes) is backends.ops:
-        return "generic"
-    from kerasbn.backends import tensorflow as tf_backend
+    plan = backends.formulation(shape, axes)
+    return "generic" if plan is None else plan.formulation
 
-    return tf_backend.formulation(x.shape, axes, 1e-3)
+
+# ---------------------------------------------------------------------- blocks
+def block_step(model):
+    """A ``tf.function`` train step of a built block (``bench_layer.py --block``).
+
+    The gradients of ``sum(block(x) * dy)`` with respect to the trainable
+    weights: the block's output is consumed, not returned. Works for Keras 3
+    and tf.keras models alike. Returns the loss and the gradients.
+    """
+
+    @tf.function
+    def step(x, dy):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x, training=True) * dy)
+        return loss, tape.gradient(loss, model.trainable_weights)
+
+    return step
+
+
+def native_block(shape, axis: int, in_shape, weights):
+    """The tf.keras block (1x1 convolution or dense layer, tf.keras's BN, ReLU)
+    of ``bench_layer.py --block``, with ``weights`` (kernel, gamma, beta,
+    moving mean and variance)."""
+    layers = tf_keras.layers
+    rank = len(shape)
+    if rank == 2:
+        producer = layers.Dense(shape[-1], use_bias=False)
+    else:
+        conv = {3: layers.Conv1D, 4: layers.Conv2D, 5: layers.Conv3D}[rank]
+        data_format = "channels_last" if axis % rank == rank - 1 else "channels_first"
+        producer = conv(shape[axis], 1, use_bias=False, data_format=data_format)
+    model = tf_keras.Sequential(
+        [
+            tf_keras.Input(in_shape[1:], batch_size=in_shape[0]),
+            producer,
+            layers.BatchNormalization(axis=axis),
+            layers.ReLU(),
+        ]
+    )
+    model.set_weights(weights)
+    return block_step(model)

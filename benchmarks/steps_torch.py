@@ -42,7 +42,6 @@ import torch
 
 import kerasbn
 from kerasbn import backends
-from kerasbn.backends import torch as torch_backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -190,14 +189,78 @@ def copy_step(x: torch.Tensor) -> Callable[[], object]:
 
 
 def formulation(shape, axis: int) -> str:
-    """Which kerasbn path serves a train step of this shape.
-
-    Returns:
-        ``"generic"`` (:mod:`kerasbn.ops`) or the fast path's view of the
-        input (see :func:`kerasbn.backends.torch.formulation`).
-    """
+    """How kerasbn computes a float32 train step of this shape: its backend
+    module's formulation, or ``"generic"`` (:mod:`kerasbn.formulas`)."""
     axes = [a for a in range(len(shape)) if a != axis % len(shape)]
-    x = torch.zeros(shape, device="meta")
-    if backends.implementation(x, axes) is backends.ops:
-        return "generic"
-    return torch_backend.formulation(shape, axes, DEVICE.type)
+    plan = backends.formulation(shape, axes, device=DEVICE.type)
+    return "generic" if plan is None else plan.formulation
+
+
+# ---------------------------------------------------------------------- blocks
+def block_step(model) -> Callable[[torch.Tensor, torch.Tensor], object]:
+    """The train step of a built Keras block (``bench_layer.py --block``).
+
+    ``torch.autograd.grad`` of ``(block(x) * dy).sum()`` with respect to the
+    trainable weights: the block's output is consumed, not returned.
+    Returns the loss and the gradients.
+    """
+    weights = _trainable(model)
+
+    def step(x, dy):
+        loss = (model(x, training=True) * dy).sum()
+        grads = torch.autograd.grad(loss, weights)
+        _synchronize()
+        return loss.detach(), grads
+
+    return step
+
+
+def native_block(shape, axis: int, in_shape, weights):
+    """The ``torch.nn`` block of ``bench_layer.py --block``: a 1x1
+    ``Conv{1,2,3}d`` (``Linear`` for 2-D inputs), ``BatchNorm{1,2,3}d`` and
+    ``ReLU``, with the Keras block's ``weights`` (kernel, gamma, beta,
+    moving mean and variance). Channels-last inputs are permuted to
+    ``(N, C, ...)`` without a copy, PyTorch's ``channels_last`` memory format,
+    as :class:`TorchNNBatchNorm` sees them."""
+    rank = len(shape)
+    channels, cin = shape[axis], in_shape[axis]
+    kernel, gamma, beta, mean, var = (np.asarray(w) for w in weights)
+    if rank == 2:
+        producer = torch.nn.Linear(cin, channels, bias=False)
+        kernel = kernel.T
+    else:
+        conv = {3: torch.nn.Conv1d, 4: torch.nn.Conv2d, 5: torch.nn.Conv3d}[rank]
+        producer = conv(cin, channels, 1, bias=False)
+        kernel = kernel.reshape(cin, channels).T.reshape(producer.weight.shape)
+    norm = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d}.get(
+        rank, {4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}.get(rank)
+    )(channels, eps=1e-3, momentum=0.01)
+    module = torch.nn.Sequential(producer, norm, torch.nn.ReLU()).to(DEVICE)
+    with torch.no_grad():
+        for t, w in zip(
+            (
+                producer.weight,
+                norm.weight,
+                norm.bias,
+                norm.running_mean,
+                norm.running_var,
+            ),
+            (kernel, gamma, beta, mean, var),
+        ):
+            t.copy_(torch.as_tensor(np.ascontiguousarray(w), device=DEVICE))
+    module.train()
+    channels_last = rank > 2 and axis % rank == rank - 1
+    if channels_last and rank in (4, 5):
+        memory = torch.channels_last if rank == 4 else torch.channels_last_3d
+        module = module.to(memory_format=memory)
+    weights = [producer.weight, norm.weight, norm.bias]
+
+    def step(x, dy):
+        if channels_last:
+            x, dy = (t.permute(0, rank - 1, *range(1, rank - 1)) for t in (x, dy))
+        loss = (module(x) * dy).sum()
+        grads = torch.autograd.grad(loss, weights)
+        _synchronize()
+        return loss.detach(), grads
+
+    return step

@@ -1,10 +1,13 @@
 """The operations of a Keras layer's compiled XLA programs on JAX.
 
 ``bench_layer.py --backend jax --kernels`` counts the kernels of a train
-step with :func:`train_step_ops`, and ``tests/test_backends_jax.py`` compares
-kerasbn's programs with Keras's BN's through the same functions. An
-operation is an instruction of the optimized program's entry computation,
-parameters, constants, tuples and bitcasts aside (a fusion is one kernel).
+step with :func:`train_step_ops` (of a block with :func:`block_step_program`),
+and ``tests/test_backends_jax.py`` compares kerasbn's programs with Keras's
+BN's through the same functions. An operation is an instruction of the
+optimized program's entry computation, parameters, constants, tuples and
+bitcasts aside (a fusion is one kernel). :func:`bytes_accessed` is XLA's own
+estimate of a program's memory traffic (its cost analysis), which for a
+memory-bound step predicts the time without the noise of a timing.
 """
 
 from __future__ import annotations
@@ -38,6 +41,34 @@ def train_step_ops(layer, shape: Sequence[int]) -> list[str]:
     """The operations of a built layer's jitted train step: forward, VJP and
     the new moving statistics, as Keras's JAX trainer runs a layer
     (``stateless_call``)."""
+    return entry_ops(train_step_program(layer, shape).as_text())
+
+
+def bytes_accessed(compiled) -> float:
+    """XLA's estimate of the bytes a compiled program reads and writes."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["bytes accessed"])
+
+
+def block_step_program(model, in_shape: Sequence[int], out_shape: Sequence[int]):
+    """The compiled train step of a built block (``bench_layer.py --block``):
+    ``value_and_grad`` of ``vdot(block(x), dy)`` w.r.t. the trainable weights."""
+    trainable, non_trainable = _variables(model)
+
+    def step(x, dy, trainable, non_trainable):
+        def loss(trainable):
+            y, new = model.stateless_call(trainable, non_trainable, x, training=True)
+            return jnp.vdot(y, dy), new
+
+        return jax.value_and_grad(loss, has_aux=True)(trainable)
+
+    x, dy = jnp.ones(in_shape, jnp.float32), jnp.ones(out_shape, jnp.float32)
+    return jax.jit(step).lower(x, dy, trainable, non_trainable).compile()
+
+
+def train_step_program(layer, shape: Sequence[int]):
+    """The compiled train step of :func:`train_step_ops`."""
     trainable, non_trainable = _variables(layer)
 
     def step(x, dy, trainable, non_trainable):
@@ -48,8 +79,7 @@ def train_step_ops(layer, shape: Sequence[int]) -> list[str]:
         return y, vjp(dy), new_non_trainable
 
     x = jnp.ones(shape, jnp.float32)
-    compiled = jax.jit(step).lower(x, x, trainable, non_trainable).compile()
-    return entry_ops(compiled.as_text())
+    return jax.jit(step).lower(x, x, trainable, non_trainable).compile()
 
 
 def inference_ops(layer, shape: Sequence[int]) -> list[str]:

@@ -72,7 +72,7 @@ def train(
         devices: how many devices to spread each batch over.
         reverse_batches: reverse the order of the samples inside each batch.
         synchronized: give the BN layers ``synchronized=True``. On JAX that
-            computes the statistics with ``kerasbn.ops`` (global under SPMD
+            computes the statistics with ``kerasbn.formulas`` (global under SPMD
             either way); False takes the JAX fast path.
 
     Returns:

@@ -12,6 +12,20 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 
+__all__ = [
+    "RENORM_CLIPPING_KEYS",
+    "STATISTICS_MODES",
+    "axis",
+    "batch_has_spread",
+    "channel_axes",
+    "epsilon",
+    "fraction",
+    "mask_shape",
+    "renorm_clipping",
+    "statistics",
+    "virtual_batch_size",
+]
+
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 STATISTICS_MODES = ("auto", "moving", "batch")
 

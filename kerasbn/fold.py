@@ -1,7 +1,7 @@
 """``fold_batch_norms``: batch normalization folded away for inference.
 
 In inference a BN layer is a fixed per-channel affine map
-``x * scale + offset`` (:func:`kerasbn.ops.affine_from_statistics`). After a
+``x * scale + offset`` (:func:`kerasbn.formulas.affine_from_statistics`). After a
 convolution or dense layer without activation, that map is absorbed into the
 layer's kernel (each output channel's filter times its ``scale``) and bias
 (``bias * scale + offset``). Elsewhere it becomes a :class:`ChannelAffine`.
@@ -15,12 +15,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from kerasbn import _graph
-from kerasbn.layer import BatchNorm
+from kerasbn import _graph, formulas
 
 __all__ = ["Absorbed", "ChannelAffine", "FoldReport", "fold_batch_norms"]
 
-_BATCH_NORMS = (BatchNorm, keras.layers.BatchNormalization)
 # Layers whose kernel ends with the output channels; depthwise kernels end with
 # (input channels, depth multiplier), whose product is the output channels.
 _DENSE_OR_CONV = (
@@ -127,18 +125,22 @@ class Absorbed(keras.layers.Layer):
 def _inference_affine(bn) -> tuple[np.ndarray, np.ndarray]:
     """The float64 ``(scale, offset)`` of ``bn`` in inference, statistics-shaped.
 
-    The formula of :func:`kerasbn.ops.affine_from_statistics`, evaluated in
-    NumPy on the weights' values: folded weights are then rounded once, from
+    :func:`kerasbn.formulas.affine_from_statistics` on the host
+    (:data:`kerasbn.formulas.HOST`): folded weights are rounded once, from
     float64, on every backend (JAX without x64 has no float64 tensors).
     """
 
-    def value(weight, default: float) -> np.ndarray:
-        if weight is None:
-            return np.full(bn.moving_mean.shape, default)
-        return ops.convert_to_numpy(weight).astype("f8")
+    def value(weight) -> np.ndarray | None:
+        return None if weight is None else ops.convert_to_numpy(weight).astype("f8")
 
-    scale = value(bn.gamma, 1.0) / np.sqrt(value(bn.moving_variance, 1.0) + bn.epsilon)
-    return scale, value(bn.beta, 0.0) - value(bn.moving_mean, 0.0) * scale
+    return formulas.affine_from_statistics(
+        value(bn.moving_mean),
+        value(bn.moving_variance),
+        value(bn.gamma),
+        value(bn.beta),
+        bn.epsilon,
+        formulas.HOST,
+    )
 
 
 def _into_affine(bn) -> None:

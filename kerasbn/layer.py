@@ -7,8 +7,9 @@ from typing import Any, Literal
 import keras
 from keras import constraints, initializers, ops, regularizers
 
-from kerasbn import _checks, backends
-from kerasbn import ops as bn_ops
+from kerasbn import _checks, backends, formulas
+
+__all__ = ["BatchNorm"]
 
 __all__ = ["BatchNorm", "BatchNormalization"]
 
@@ -233,7 +234,7 @@ class BatchNorm(keras.layers.Layer):
 
     # ------------------------------------------------------------------- call
     def call(self, inputs, training=None, mask=None):
-        mask = bn_ops.expand_mask(mask, inputs)
+        mask = formulas.expand_mask(mask, inputs)
         if not self._uses_batch_statistics(training):
             outputs = self._normalize_with_moving_statistics(inputs)
         else:
@@ -254,9 +255,9 @@ class BatchNorm(keras.layers.Layer):
         return bool(training) and self.trainable and self.statistics != "moving"
 
     def _normalize_with_moving_statistics(self, x):
-        impl = backends.implementation(x, self._reduction_axes)
-        return impl.normalize(
+        return backends.normalize(
             x,
+            self._reduction_axes,
             self._broadcast(self.moving_mean),
             self._broadcast(self.moving_variance),
             self._broadcast(self.gamma),
@@ -290,21 +291,20 @@ class BatchNorm(keras.layers.Layer):
         """
         gamma, beta = self._broadcast(self.gamma), self._broadcast(self.beta)
         if not (self.renorm or self.synchronized):
-            impl = backends.implementation(x, axes, mask)
-            outputs, mean, variance = impl.batch_normalize(
+            outputs, mean, variance = backends.batch_normalize(
                 x, axes, gamma, beta, self.epsilon, mask
             )
             variance = self._moving_target(
-                variance, lambda: bn_ops.sample_count(x, axes, mask)
+                variance, lambda: formulas.sample_count(x, axes, mask)
             )
             return outputs, *_average_groups(group_axis, mean, variance)
-        local = bn_ops.sufficient_moments(x, axes, mask)
+        local = formulas.sufficient_moments(x, axes, mask)
         if self.synchronized:
             local = backends.global_moments(local)
         pooled = _average_groups(group_axis, local.mean, local.variance)
         if self.renorm:
             gamma, beta = self._renorm_affine(*pooled, gamma, beta)
-        outputs = bn_ops.normalize(
+        outputs = formulas.normalize(
             x, local.mean, local.variance, gamma, beta, self.epsilon
         )
         if self.unbiased_moving_variance:
@@ -317,11 +317,11 @@ class BatchNorm(keras.layers.Layer):
         the number of values per channel, ``count()``, if so configured."""
         if not self.unbiased_moving_variance:
             return variance
-        return bn_ops.unbiased_variance(variance, count())
+        return formulas.unbiased_variance(variance, count())
 
     def _renorm_affine(self, mean, variance, gamma, beta):
         """Folds the renorm correction into gamma and beta: (x̂·r + d)·γ + β."""
-        r, d = bn_ops.renorm_correction(
+        r, d = formulas.renorm_correction(
             mean,
             variance,
             self._broadcast(self.renorm_mean),
@@ -370,7 +370,7 @@ class BatchNorm(keras.layers.Layer):
         """``(variable, its moving average towards value)``, at the layer's momentum
         unless another is given."""
         momentum = self.momentum if momentum is None else momentum
-        return variable, bn_ops.ema_update(variable.value, value, momentum)
+        return variable, formulas.ema_update(variable.value, value, momentum)
 
     # ---------------------------------------------------------------- helpers
     def _broadcast(self, weight):

@@ -38,8 +38,6 @@ __all__ = ["load_legacy_model", "translate_training_config"]
 
 # class name in the file -> synchronized
 _BN_CLASSES = {"BatchNormalization": False, "SyncBatchNormalization": True}
-# Saved arguments that only choose a kernel: accepted, and without effect.
-IGNORED_HINTS = ("fused",)
 # Compute dtypes that tf_keras's fused kernel accepts.
 _FUSED_DTYPES = (
     None,
@@ -349,7 +347,7 @@ class _Factory:
                 "cannot honour: kerasbn.BatchNorm has no adjustment of the batch "
                 "statistics (allowed: adjustment=None)."
             )
-        fused = config.pop("fused", None)  # one of IGNORED_HINTS
+        fused = config.pop("fused", None)  # a kernel hint: read, without effect
         saved_axes = config.pop("axis", -1)
         saved_axes = (
             list(saved_axes) if isinstance(saved_axes, (list, tuple)) else [saved_axes]

@@ -31,6 +31,8 @@ from kerasbn.layer import BatchNorm
 if TYPE_CHECKING:  # annotations only: torch is imported when a function is called
     import torch
 
+__all__ = ["DATA_FORMATS", "from_torch", "to_torch"]
+
 DATA_FORMATS = ("channels_last", "channels_first")
 
 

@@ -308,3 +308,46 @@ def run_tflite(tflite_model: bytes, x):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+# ------------------------------------------------- the backend kernel contract
+def force_formulation(monkeypatch, module, name):
+    """Makes backend ``module`` compute every call it plans with ``name``.
+
+    ``name`` None declines every call, so :mod:`kerasbn.formulas` serves
+    them (the generic path). Otherwise each plan that ``module.formulation``
+    returns, in training and inference, gets ``name`` as its formulation;
+    calls it declines stay declined.
+    """
+    original = module.formulation
+
+    def forced(*args, **kwargs):
+        plan = original(*args, **kwargs)
+        if name is None or plan is None:
+            return None
+        return plan.using(name)
+
+    monkeypatch.setattr(module, "formulation", forced)
+
+
+def assert_implements_kernel_contract(module):
+    """``module`` has every function of ``kerasbn.backends.Kernels``, each with
+    the contract's parameters (names, kinds and defaults)."""
+    import inspect
+
+    from kerasbn import backends
+    from kerasbn.backends.plan import KERNEL_FUNCTIONS
+
+    assert isinstance(module, backends.Kernels)
+    members = {
+        name: member
+        for name, member in vars(backends.Kernels).items()
+        if not name.startswith("_") and callable(member)
+    }
+    assert set(members) == set(KERNEL_FUNCTIONS) <= set(module.__all__)
+    for name, member in members.items():
+        expected = list(inspect.signature(member).parameters.values())[1:]
+        actual = list(inspect.signature(getattr(module, name)).parameters.values())
+        assert [(p.name, p.kind, p.default) for p in actual] == [
+            (p.name, p.kind, p.default) for p in expected
+        ], f"{module.__name__}.{name}"

@@ -3,8 +3,9 @@
 Every numeric test runs the layer several ways: with the fast path's
 formulations forced (the ``jax.custom_vjp`` of ``kerasbn.backends.jax`` with
 "shifted" statistics, and with "rough" ones that fall back on the shifted ones
-for far means) and with the fast path switched off ("generic", kerasbn.ops). All are held to the same independent
-references, so the fast path gives the generic path's numbers. Training calls run as
+for far means) and with the fast path switched off ("generic",
+kerasbn.formulas). All are held to the same independent references, so the
+fast path gives the generic path's numbers. Training calls run as
 Keras's JAX trainer runs them: ``stateless_call`` under ``jax.jit``, with
 gradients from ``jax.grad``.
 
@@ -33,7 +34,9 @@ from conftest import (  # noqa: E402
     CONSTANT_CHANNEL_CASES,
     CONSTANT_VALUES,
     assert_constant_channel_normalizes_to_zero,
+    assert_implements_kernel_contract,
     assert_matches_keras_peer,
+    force_formulation,
     np_batch_norm,
     np_batch_norm_gradients,
     np_moments,
@@ -84,13 +87,17 @@ def force_path(monkeypatch):
     """``force_path(path)``: make the layer compute with ``path`` from now on."""
 
     def force(path):
-        if path == "generic":
-            monkeypatch.setattr(jax_backend, "applies", lambda *args: False)
-            return
-        rough = 0 if path == "rough" else 1 << 62
-        monkeypatch.setattr(jax_backend, "ROUGH_MIN_ELEMENTS", rough)
+        force_formulation(monkeypatch, jax_backend, None if path == "generic" else path)
 
     return force
+
+
+def _plan(x, axes, mask=None, training=True):
+    return backends.plan(x, axes, mask, epsilon=1e-3, training=training)
+
+
+def _name(plan):
+    return "generic" if plan is None else plan.formulation
 
 
 def train_call(layer, x, upstream):
@@ -151,6 +158,11 @@ def _run(script: str, timeout: float = 300.0, **env) -> str:
 
 
 # ------------------------------------------------------------------- selection
+def test_module_implements_the_kernel_contract():
+    assert_implements_kernel_contract(jax_backend)
+    assert backends.current() is jax_backend
+
+
 @pytest.mark.parametrize(
     "shape, axes, dtype",
     [
@@ -165,9 +177,8 @@ def _run(script: str, timeout: float = 300.0, **env) -> str:
 )
 def test_fast_path_is_selected_for_the_calls_it_claims(shape, axes, dtype):
     x = jnp.zeros(shape, dtype)
-    assert jax_backend.applies(x, axes)
-    assert backends.implementation(x, axes) is jax_backend
-    assert jax_backend.formulation(shape, axes) != "generic"
+    assert _plan(x, axes) is not None
+    assert _name(jax_backend.formulation(shape, axes, dtype=dtype)) != "generic"
 
 
 @pytest.mark.parametrize(
@@ -187,8 +198,8 @@ def test_fast_path_declines_masks_integers_split_channel_axes_and_empty_batches(
 ):
     x = jnp.zeros(shape, dtype)
     mask = jnp.ones(shape[:-1] + (1,), "bool") if masked else None
-    assert not jax_backend.applies(x, axes, mask)
-    assert backends.implementation(x, axes, mask) is backends.ops
+    assert _plan(x, axes, mask) is None
+    assert _plan(x, axes, mask, training=False) is None
 
 
 @pytest.mark.parametrize(
@@ -209,20 +220,15 @@ def test_fast_path_declines_masks_integers_split_channel_axes_and_empty_batches(
 def test_formulation_is_rough_for_large_inputs_and_shifted_for_small_ones(
     shape, axes, expected
 ):
-    assert jax_backend.formulation(shape, axes) == expected
+    assert _name(jax_backend.formulation(shape, axes)) == expected
 
 
 def test_fast_path_declines_inputs_without_a_known_shape():
     class Unshaped:
         dtype = "float32"
 
-    assert not jax_backend.applies(Unshaped(), [0])
-    assert not jax_backend.applies(keras.KerasTensor((None, 4), "float32"), [0])
-
-
-def test_batch_normalize_refuses_a_call_that_it_declines():
-    with pytest.raises(ValueError, match="JAX fast path does not apply"):
-        jax_backend.batch_normalize(jnp.zeros((4, 3)), [0], None, None, 1e-3, mask=1)
+    assert _plan(Unshaped(), [0]) is None
+    assert _plan(keras.KerasTensor((None, 4), "float32"), [0]) is None
 
 
 def test_layer_calls_the_fast_path_in_training_and_inference(rng, monkeypatch):
@@ -324,10 +330,11 @@ def test_gradients_match_central_finite_differences_in_float64():
             x = jnp.asarray(rng.normal(3.0, 2.0, shape))
             g, b = (jnp.asarray(rng.normal(size=gshape)) for _ in range(2))
             dy = jnp.asarray(rng.normal(size=shape))
-            assert jb.applies(x, axes)
+            plan = jb.formulation(shape, axes, dtype="float64")
+            assert plan.formulation == "shifted"
 
             def loss(x, g, b):
-                y, mean, var = jb.batch_normalize(x, axes, g, b, 1e-3)
+                y, mean, var = jb.batch_normalize(x, plan, g, b, 1e-3)
                 assert y.dtype == jnp.float64
                 return jnp.sum(y * dy)
 
@@ -373,7 +380,9 @@ def test_statistics_stay_exact_when_the_mean_dwarfs_the_spread(
         var.ravel(),
     )
     if path == "generic":
-        return  # kerasbn.ops forms x * scale + offset: its output inherits the rounding
+        # kerasbn.formulas forms x * scale + offset: its output inherits the
+        # rounding of the mean
+        return
     # the fast path normalizes x - shift, which is exact: its output and
     # gradients do not inherit the mean's rounding either
     np.testing.assert_allclose(
@@ -410,10 +419,11 @@ def test_rough_statistics_hold_float32_precision_near_the_far_mean_limit(
 ):
     # The rough statistics come from the sums of x and x * x: their relative
     # error grows like (1 + (mean / std)**2) * eps, at most about 1e-6 below
-    # FAR_MEAN spreads; beyond it the shifted statistics take over.
+    # ROUGH_MAX_MEAN_SPREADS; beyond it the shifted statistics take over.
     force_path("rough")
     shape = (64, 16, 16, 8)
-    x = (spreads * jax_backend.FAR_MEAN + rng.standard_normal(shape)).astype("float32")
+    far = jax_backend.ROUGH_MAX_MEAN_SPREADS
+    x = (spreads * far + rng.standard_normal(shape)).astype("float32")
     dy = rng.standard_normal(shape).astype("float32")
     layer = kerasbn.BatchNorm(momentum=0.0)
     y, grads = train_call(layer, x, dy)
@@ -421,7 +431,7 @@ def test_rough_statistics_hold_float32_precision_near_the_far_mean_limit(
     np.testing.assert_allclose(layer.moving_mean, mean.ravel(), rtol=1e-6)
     np.testing.assert_allclose(layer.moving_variance, var.ravel(), rtol=5e-6)
     record(
-        "JAX rough variance near FAR_MEAN (relative)",
+        "JAX rough variance near ROUGH_MAX_MEAN_SPREADS (relative)",
         layer.moving_variance / var.ravel(),
         1.0,
     )
@@ -444,7 +454,7 @@ def test_mixed_precision_takes_the_fast_path_with_float32_statistics(
     layer.build(shape)
     low = layer.compute_dtype
     if path != "generic":
-        assert backends.implementation(jnp.zeros(shape, low), [0, 1, 2]) is jax_backend
+        assert _name(_plan(jnp.zeros(shape, low), [0, 1, 2])) == path
     x = jnp.asarray(rng.normal(3.0, 2.0, shape), low)
     dy = rng.normal(size=shape).astype("float32")
     y, grads = train_call(layer, x, dy)
@@ -480,8 +490,10 @@ def test_float16_inputs_near_6e4_give_finite_float32_statistics(rng, force_path,
 def test_batch_normalize_returns_statistics_without_gradient(rng):
     x = jnp.asarray(rng.normal(size=(6, 3)), "float32")
 
+    plan = jax_backend.formulation(x.shape, [0])
+
     def loss(x):
-        _, mean, variance = jax_backend.batch_normalize(x, [0], None, None, 1e-3)
+        _, mean, variance = jax_backend.batch_normalize(x, plan, None, None, 1e-3)
         return jnp.sum(mean) + jnp.sum(variance)
 
     np.testing.assert_array_equal(jax.grad(loss)(x), np.zeros((6, 3)))

@@ -2,7 +2,8 @@
 
 Every numeric test runs the layer four ways: with the fast path's
 formulations forced ("fused" kernel; "composite" custom gradient, also on its
-"widened" view) and with the fast path switched off ("generic", kerasbn.ops).
+"widened" view) and with the fast path switched off ("generic",
+kerasbn.formulas).
 All are held to the same independent references, so the fast path gives the
 generic path's numbers.
 """
@@ -15,7 +16,9 @@ from conftest import (
     CONSTANT_CHANNEL_CASES,
     CONSTANT_VALUES,
     assert_constant_channel_normalizes_to_zero,
+    assert_implements_kernel_contract,
     assert_matches_keras_peer,
+    force_formulation,
     np_batch_norm,
     np_batch_norm_gradients,
     np_moments,
@@ -76,15 +79,13 @@ def force_path(monkeypatch):
     """``force_path(path)``: make the layer compute with ``path`` from now on."""
 
     def force(path):
-        if path == "generic":
-            monkeypatch.setattr(tf_backend, "applies", lambda *args: False)
-            return
-        if path == "widened":
-            monkeypatch.setattr(tf_backend, "WIDEN_MIN_ELEMENTS", 0)
-        formulation = "fused" if path == "fused" else "composite"
-        monkeypatch.setattr(tf_backend, "_formulation", lambda *args: formulation)
+        force_formulation(monkeypatch, tf_backend, None if path == "generic" else path)
 
     return force
+
+
+def _plan(x, axes, mask=None, training=True):
+    return backends.plan(x, axes, mask, epsilon=1e-3, training=training)
 
 
 def _train_call(layer, x, upstream):
@@ -97,6 +98,11 @@ def _train_call(layer, x, upstream):
 
 
 # ------------------------------------------------------------------- selection
+def test_module_implements_the_kernel_contract():
+    assert_implements_kernel_contract(tf_backend)
+    assert backends.current() is tf_backend
+
+
 @pytest.mark.parametrize(
     "shape, axes, dtype",
     [
@@ -111,8 +117,8 @@ def _train_call(layer, x, upstream):
 )
 def test_fast_path_is_selected_for_the_calls_it_claims(shape, axes, dtype):
     x = tf.zeros(shape, dtype)
-    assert tf_backend.applies(x, axes)
-    assert backends.implementation(x, axes) is tf_backend
+    assert _plan(x, axes) is not None
+    assert _plan(x, axes, training=False) is not None
 
 
 @pytest.mark.parametrize(
@@ -130,8 +136,8 @@ def test_fast_path_declines_masks_float64_and_split_channel_axes(
 ):
     x = tf.zeros(shape, dtype)
     mask = tf.ones(shape[:-1] + (1,), "bool") if masked else None
-    assert not tf_backend.applies(x, axes, mask)
-    assert backends.implementation(x, axes, mask) is backends.ops
+    assert _plan(x, axes, mask) is None
+    assert _plan(x, axes, mask, training=False) is None
 
 
 @pytest.mark.parametrize(
@@ -142,15 +148,20 @@ def test_fast_path_declines_masks_float64_and_split_channel_axes(
         ((None, 28, 28, 256), [0, 1, 2], "fused"),
         ((8, 16, 32, 32, 32), [0, 1, 2, 3], "fused"),
         ((32, 64, 56, 56), [0, 2, 3], "composite"),  # channels first
-        ((32, 24, 24, 10), [0, 1, 2], "composite"),  # lecture CNN
-        ((32, 8, 8, 20), [0, 1, 2], "composite"),
+        ((32, 24, 24, 10), [0, 1, 2], "widened"),  # lecture CNN
+        ((32, 8, 8, 20), [0, 1, 2], "widened"),
         ((32, 100), [0], "composite"),
     ],
 )
 def test_formulation_is_fused_only_for_large_channels_last_inputs(
     shape, axes, expected
 ):
-    assert tf_backend.formulation(shape, axes, 1e-3) == expected
+    assert tf_backend.formulation(shape, axes).formulation == expected
+
+
+def test_formulation_is_not_fused_below_cudnn_smallest_epsilon():
+    plan = tf_backend.formulation((32, 56, 56, 64), [0, 1, 2], epsilon=1e-6)
+    assert plan.formulation == "composite"
 
 
 @pytest.mark.parametrize(
@@ -163,9 +174,9 @@ def test_formulation_is_fused_only_for_large_channels_last_inputs(
     ],
 )
 def test_few_channels_are_widened_to_whole_vectors_in_large_inputs(shape, k):
-    shape = tf.TensorShape(shape)
-    view = tf_backend._view(shape, [shape.rank - 1])
-    assert tf_backend._widening(shape, view) == k
+    plan = tf_backend.formulation(shape, list(range(len(shape) - 1)))
+    assert plan.formulation == ("widened" if k > 1 else "composite")
+    assert k == 1 or tf_backend._widening(plan) == k
 
 
 def test_layer_calls_the_fast_path_in_training_and_inference(rng, monkeypatch):
@@ -348,7 +359,7 @@ def test_mixed_precision_takes_the_fast_path_with_float32_statistics(
     layer.build(shape)
     low = layer.compute_dtype
     if path != "generic":
-        assert backends.implementation(tf.zeros(shape, low), [0, 1, 2]) is tf_backend
+        assert _plan(tf.zeros(shape, low), [0, 1, 2]).formulation == path
     x = tf.cast(rng.normal(3.0, 2.0, shape), low)
     dy = tf.cast(rng.normal(size=shape), low)
     y, grads = _train_call(layer, x, dy)
@@ -397,7 +408,9 @@ def test_fit_compiled_with_xla_matches_numpy(rng, force_path, path):
 @pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
 def test_fit_export_and_tflite_with_the_fused_kernel(rng, tmp_path):
     inputs = keras.Input((32, 32, 16))  # 32 * 16384 elements: the fused kernel
-    assert tf_backend.formulation((None, 32, 32, 16), [0, 1, 2], 1e-3) == "fused"
+    assert tf_backend.formulation((None, 32, 32, 16), [0, 1, 2]).formulation == (
+        "fused"
+    )
     outputs = keras.layers.Dense(2)(
         keras.layers.GlobalAveragePooling2D()(kerasbn.BatchNorm(momentum=0.5)(inputs))
     )

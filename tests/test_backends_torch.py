@@ -5,7 +5,7 @@ forced ("channels_last": 4-D/5-D channels-last inputs permuted to PyTorch's
 channels_last memory format; "rows": channels-last inputs as a (rows, C)
 matrix; "planes": (outer, C, inner); "matvec": the (rows, C) matrix summed
 by matrix-vector products) and with the fast path switched off
-("generic", kerasbn.ops). All are held to the same independent references,
+("generic", kerasbn.formulas). All are held to the same independent references,
 so the fast path gives the generic path's numbers.
 """
 
@@ -24,7 +24,9 @@ from conftest import (  # noqa: E402
     CONSTANT_CHANNEL_CASES,
     CONSTANT_VALUES,
     assert_constant_channel_normalizes_to_zero,
+    assert_implements_kernel_contract,
     assert_matches_keras_peer,
+    force_formulation,
     np_batch_norm,
     np_moments,
     record,
@@ -81,12 +83,15 @@ def force_path(monkeypatch):
     """``force_path(path)``: make the layer compute with ``path`` from now on."""
 
     def force(path):
-        if path == "generic":
-            monkeypatch.setattr(torch_backend, "applies", lambda *args: False)
-        else:
-            monkeypatch.setattr(torch_backend, "_layout", lambda *args: path)
+        force_formulation(
+            monkeypatch, torch_backend, None if path == "generic" else path
+        )
 
     return force
+
+
+def _plan(x, axes, mask=None, training=True):
+    return backends.plan(x, axes, mask, epsilon=1e-3, training=training)
 
 
 def train_call(layer, x, upstream):
@@ -128,6 +133,11 @@ def _to_numpy(t):
 
 
 # ------------------------------------------------------------------- selection
+def test_module_implements_the_kernel_contract():
+    assert_implements_kernel_contract(torch_backend)
+    assert backends.current() is torch_backend
+
+
 @pytest.mark.parametrize(
     "shape, axes, dtype, expected",
     [
@@ -150,9 +160,8 @@ def _to_numpy(t):
 )
 def test_fast_path_is_selected_for_the_calls_it_claims(shape, axes, dtype, expected):
     x = torch.zeros(shape, dtype=dtype)
-    assert torch_backend.applies(x, axes)
-    assert backends.implementation(x, axes) is torch_backend
-    assert torch_backend.formulation(shape, axes) == expected
+    assert _plan(x, axes).formulation == expected
+    assert torch_backend.formulation(shape, axes).formulation == expected
 
 
 @pytest.mark.parametrize(
@@ -171,19 +180,12 @@ def test_fast_path_declines_masks_integers_empty_and_split_channel_axes(
 ):
     x = torch.zeros(shape, dtype=dtype)
     mask = torch.ones(shape[:-1] + (1,), dtype=torch.bool) if masked else None
-    assert not torch_backend.applies(x, axes, mask)
-    assert backends.implementation(x, axes, mask) is backends.ops
+    assert _plan(x, axes, mask) is None
+    assert _plan(x, axes, mask, training=False) is None
 
 
 def test_fast_path_declines_what_is_not_a_torch_tensor():
-    assert not torch_backend.applies(np.zeros((4, 3), "float32"), [0])
-
-
-def test_batch_normalize_names_the_call_it_declines():
-    with pytest.raises(ValueError, match=r"does not apply.*int32.*axes \[0\]"):
-        torch_backend.batch_normalize(
-            torch.zeros(4, 3, dtype=torch.int32), [0], *[None] * 2, 1e-3
-        )
+    assert _plan(np.zeros((4, 3), "float32"), [0]) is None
 
 
 def test_layer_calls_the_fast_path_in_training_and_inference(rng, monkeypatch):
@@ -205,8 +207,8 @@ def test_layer_calls_the_fast_path_in_training_and_inference(rng, monkeypatch):
 
 def test_views_of_channels_last_inputs_copy_nothing():
     x = torch.randn(4, 5, 6, 8)
-    view = torch_backend._view_of_reduction(x.shape, [0, 1, 2])
-    kernel_input = torch_backend._kernel_view(x, view)
+    plan = torch_backend.formulation(x.shape, [0, 1, 2])
+    kernel_input = torch_backend._kernel_view(x, plan)
     assert kernel_input.data_ptr() == x.data_ptr()
     assert kernel_input.is_contiguous(memory_format=torch.channels_last)
     assert tuple(kernel_input.shape) == (4, 8, 5, 6)
@@ -240,17 +242,20 @@ def test_gradients_match_finite_differences_in_float64(path, shape, axes, force_
         return t.requires_grad_(True)
 
     x, gamma, beta = tensor(shape), tensor(stats_shape), tensor(stats_shape)
-    impl = backends.implementation(x, axes)
-    assert (impl is torch_backend) == (path != "generic")
+    plan = _plan(x, axes)
+    assert (plan is None) == (path == "generic")
+    assert plan is None or plan.formulation == path
     assert torch.autograd.gradcheck(
-        lambda x, g, b: impl.batch_normalize(x, axes, g, b, 1e-3)[0], (x, gamma, beta)
+        lambda x, g, b: backends.batch_normalize(x, axes, g, b, 1e-3)[0],
+        (x, gamma, beta),
     )
     mean, var = (
         torch.randn(stats_shape, dtype=torch.float64),
         torch.rand(stats_shape, dtype=torch.float64),
     )
     assert torch.autograd.gradcheck(
-        lambda x, g, b: impl.normalize(x, mean, var, g, b, 1e-3), (x, gamma, beta)
+        lambda x, g, b: backends.normalize(x, axes, mean, var, g, b, 1e-3),
+        (x, gamma, beta),
     )
 
 
@@ -389,7 +394,8 @@ def test_non_finite_batch_leaves_the_moving_statistics_unchanged(rng):
 def test_statistics_carry_no_gradient_and_non_contiguous_inputs_work(rng):
     x = torch.as_tensor(rng.normal(size=(6, 8, 5, 4)).astype("float32"))
     x = x.permute(0, 2, 3, 1).requires_grad_(True)  # a channels-last view
-    y, mean, var = torch_backend.batch_normalize(x, [0, 1, 2], None, None, 1e-3)
+    plan = torch_backend.formulation(x.shape, [0, 1, 2])
+    y, mean, var = torch_backend.batch_normalize(x, plan, None, None, 1e-3)
     assert not mean.requires_grad and not var.requires_grad
     ref_mean, ref_var = np_moments(x.detach().numpy(), [3])
     np.testing.assert_allclose(mean, ref_mean, **TOL)
@@ -403,7 +409,8 @@ def test_statistics_that_require_a_gradient_take_the_generic_inference_path(rng)
     x = torch.as_tensor(rng.normal(size=(6, 4)))
     mean = torch.zeros(1, 4, dtype=torch.float64, requires_grad=True)
     var = torch.ones(1, 4, dtype=torch.float64, requires_grad=True)
-    y = torch_backend.normalize(x, mean, var, None, None, 1e-3)
+    plan = torch_backend.formulation(x.shape, [0], training=False)
+    y = torch_backend.normalize(x, plan, mean, var, None, None, 1e-3)
     dmean, dvar = torch.autograd.grad(y.sum(), [mean, var])
     # d/dmean sum((x - mean) / sqrt(var + eps)) = -n / sqrt(var + eps)
     np.testing.assert_allclose(dmean, np.full((1, 4), -6 / np.sqrt(1.001)))
@@ -419,7 +426,7 @@ def test_float64_layer_matches_numpy_to_float64_rounding(rng):
     layer.build(shape)
     x = rng.normal(2.0, 3.0, shape)
     dy = rng.normal(size=shape)
-    assert backends.implementation(torch.as_tensor(x), [0, 1, 2]) is torch_backend
+    assert _plan(torch.as_tensor(x), [0, 1, 2]) is not None
     y, grads = train_call(layer, x, dy)
     assert y.dtype == torch.float64
     mean, var = np_moments(x, [3])
@@ -446,7 +453,7 @@ def test_mixed_precision_takes_the_fast_path_with_float32_statistics(
     low = getattr(torch, layer.compute_dtype)
     if path != "generic":
         x = torch.zeros(shape, dtype=low)
-        assert backends.implementation(x, [0, 1, 2]) is torch_backend
+        assert _plan(x, [0, 1, 2]).formulation == path
     x = torch.as_tensor(rng.normal(3.0, 2.0, shape)).to(low)
     dy = torch.as_tensor(rng.normal(size=shape)).to(low)
     y, grads = train_call(layer, x, dy)
@@ -500,8 +507,9 @@ def test_fit_of_a_functional_model_matches_numpy(rng, force_path, path):
 
 def test_scalar_gamma_and_beta_apply_to_every_channel(rng):
     x = rng.normal(1.0, 2.0, (6, 5, 4)).astype("float32")
+    plan = torch_backend.formulation(x.shape, [0, 1])
     y, mean, var = torch_backend.batch_normalize(
-        torch.as_tensor(x), [0, 1], torch.tensor(1.5), 0.25, 1e-3
+        torch.as_tensor(x), plan, torch.tensor(1.5), 0.25, 1e-3
     )
     ref_mean, ref_var = np_moments(x, [2])
     np.testing.assert_allclose(y, np_batch_norm(x, ref_mean, ref_var, 1.5, 0.25), **TOL)

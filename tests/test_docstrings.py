@@ -11,9 +11,11 @@ from conftest import BACKEND
 
 # The modules with public objects (the private helpers carry no examples).
 MODULES = [
+    "kerasbn.formulas",
     "kerasbn.ops",
     "kerasbn.layer",
     "kerasbn.backends",
+    "kerasbn.backends.plan",
     f"kerasbn.backends.{BACKEND}",
     "kerasbn.fold",
     "kerasbn.recalibrate",

@@ -138,21 +138,22 @@ def test_tensorflow_cpu_thresholds_and_widening_apply_only_on_the_cpu():
     from kerasbn.backends import tensorflow as tf_backend
 
     axes = [0, 1, 2]
+
+    def name(shape, axes, epsilon=1e-3, device="cpu"):
+        return tf_backend.formulation(
+            shape, axes, epsilon=epsilon, device=device
+        ).formulation
+
     # On the CPU the fused kernel waits for its measured sizes, and few
     # channels are widened to the CPU's vector width.
-    assert tf_backend.formulation((32, 24, 24, 10), axes, 1e-3) == "composite"
-    assert tf_backend.formulation((32, 24, 24, 10), axes, 1e-3, "GPU") == "fused"
-    assert tf_backend.formulation((32, 8, 8, 20), axes, 1e-3, "GPU") == "fused"
-    # cuDNN's smallest epsilon and channels first hold on any device.
-    assert tf_backend.formulation((32, 8, 8, 20), axes, 1e-6, "GPU") == "composite"
-    assert tf_backend.formulation((8, 16, 6, 6), [0, 2, 3], 1e-3, "GPU") == (
-        "composite"
-    )
-    shape = tf.TensorShape((32, 24, 24, 10))
-    view = tf_backend._view_of_reduction(shape, axes)
-    assert tf_backend._widening(shape, view, "CPU") == 8
-    assert tf_backend._widening(shape, view, "GPU") == 1
-    assert tf_backend._device_type(tf.zeros(2)) == "CPU"
+    assert name((32, 24, 24, 10), axes) == "widened"
+    assert name((32, 24, 24, 10), axes, device="gpu") == "fused"
+    assert name((32, 8, 8, 20), axes, device="gpu") == "fused"
+    # cuDNN's smallest epsilon and channels first hold on any device, and
+    # nothing is widened off the CPU.
+    assert name((32, 8, 8, 20), axes, 1e-6, "gpu") == "composite"
+    assert name((8, 16, 6, 6), [0, 2, 3], device="gpu") == "composite"
+    assert tf_backend.device(tf.zeros(2)) == "cpu"
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the JAX fast path")
@@ -160,10 +161,10 @@ def test_jax_rough_statistics_apply_only_on_the_cpu():
     from kerasbn.backends import jax as jax_backend
 
     shape, axes = (32, 56, 56, 64), [0, 1, 2]
-    assert jax_backend.formulation(shape, axes, platform="cpu") == "rough"
-    for platform in ("gpu", "cuda", "tpu"):
-        assert jax_backend.formulation(shape, axes, platform=platform) == "shifted"
-    assert not jax_backend._view(shape, axes, "gpu").rough
+    assert jax_backend.formulation(shape, axes, device="cpu").formulation == "rough"
+    for device in ("gpu", "cuda", "tpu"):
+        plan = jax_backend.formulation(shape, axes, device=device)
+        assert plan.formulation == "shifted"
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the PyTorch fast path")
@@ -171,7 +172,11 @@ def test_torch_matvec_applies_only_on_the_cpu():
     from kerasbn.backends import torch as torch_backend
 
     shape, axes = (32, 24, 24, 10), [0, 1, 2]
-    assert torch_backend.formulation(shape, axes, device="cpu") == "matvec"
+
+    def name(shape, axes, device):
+        return torch_backend.formulation(shape, axes, device=device).formulation
+
+    assert name(shape, axes, "cpu") == "matvec"
     for device in ("cuda", "mps", "xpu", "meta"):
-        assert torch_backend.formulation(shape, axes, device) == "channels_last"
-    assert torch_backend.formulation((64, 10), [0], device="cuda") == "rows"
+        assert name(shape, axes, device) == "channels_last"
+    assert name((64, 10), [0], "cuda") == "rows"

@@ -185,7 +185,7 @@ def test_data_parallel_over_two_devices_gives_global_statistics(tmp_path, data):
         expected = np_batch_norm(x, mean, var, epsilon=1e-5)
         tol = dict(atol=1e-4)
         if data == "large_mean" and synchronized:
-            # synchronized=True normalizes with kerasbn.ops.normalize, x * scale
+            # synchronized=True normalizes with kerasbn.formulas.normalize, x * scale
             # + offset: the output inherits the float32 rounding of x (5e-4 at
             # 1e4) scaled by 1 / spread, i.e. up to about 0.06; the statistics
             # above stay exact. (synchronized=False takes the fast path,
@@ -199,7 +199,7 @@ def test_data_parallel_over_two_devices_gives_global_statistics(tmp_path, data):
             expected,
         )
         if data == "apart":
-            # (kerasbn.ops.normalize forms x * scale + offset: with a mean of
+            # (kerasbn.formulas.normalize forms x * scale + offset: with a mean of
             # 1e4 the inference output inherits the rounding of that offset)
             np.testing.assert_allclose(out[key + "predict"], expected, **tol)
 

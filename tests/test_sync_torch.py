@@ -160,7 +160,7 @@ def test_moving_statistics_are_those_of_the_global_batch(runs, name):
     x = data[f"{name}/x"].astype(np.float64)
     mean, var = x.mean(axis=(0, 1)), x.var(axis=(0, 1))
     # float64 too is held to float32 rounding: Keras's divide_no_nan on torch
-    # returns float32, and kerasbn.ops divides the moments with it.
+    # returns float32, and kerasbn.formulas divides the moments with it.
     for rank in range(WORLD):
         np.testing.assert_allclose(
             results[f"{name}/moving_mean/{rank}"], mean, rtol=1e-7
@@ -221,7 +221,7 @@ def _rounding(x, var) -> float:
     float32: 4 roundings, amplified by the centring, ``max|x| / sigma``
     (3e-4 at mean 1e3 and spread 2; torch's own float32 BN in one process
     errs by 2e-6 on dx and 2e-5 on the gradient of gamma here). float64:
-    1e-5, as the statistics of :mod:`kerasbn.ops` are float32 on torch (see
+    1e-5, as the statistics of :mod:`kerasbn.formulas` are float32 on torch (see
     above).
     """
     if x.dtype == np.float64:

@@ -1,119 +1,231 @@
-"""Backend fast paths and distribution engines, chosen in one place.
+"""Backend fast paths and distribution engines: one contract, one selector.
 
-Each backend module (``kerasbn.backends.tensorflow``, ``.jax``, ``.torch``)
-exposes the same ``batch_normalize`` and ``normalize`` as :mod:`kerasbn.ops`
-(which is the fallback everywhere), ``applies(x, axes, mask)``, which says
-whether it computes that call exactly, and ``global_moments(local)``, which
-merges the per-replica moments over that backend's distribution engine.
+The backend module ``kerasbn.backends.<keras.backend.backend()>``, where one
+exists, implements all of :class:`Kernels`; this module, its only caller,
+imports it once, asks it for one :class:`~kerasbn.backends.plan.Plan` per call
+and hands the plan to its kernel, or calls :mod:`kerasbn.formulas` where there
+is no plan. The layer calls the functions below and nothing else of a backend.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Sequence
-from types import ModuleType
+from typing import Protocol, runtime_checkable
 
 import keras
 
-from kerasbn import ops
+from kerasbn import formulas
+from kerasbn.backends.plan import CPU, Plan
+from kerasbn.formulas import Moments
 
-_MODULES = ("tensorflow", "jax", "torch")
-_LOADED: dict[str, ModuleType] = {}
+__all__ = [
+    "Kernels",
+    "Plan",
+    "all_finite",
+    "batch_normalize",
+    "check_divisible",
+    "current",
+    "formulation",
+    "global_moments",
+    "normalize",
+    "plan",
+]
 
 
-def current() -> ModuleType | None:
-    """The backend module of the active Keras backend, or None if it has none."""
+@runtime_checkable
+class Kernels(Protocol):
+    """The contract of a backend module: its kernels and its distribution engine.
+
+    A kernel computes what :mod:`kerasbn.formulas` computes (outputs,
+    gradients, biased batch statistics, to the statistics dtype's rounding),
+    returns outputs in the statistics dtype and statistics without gradient,
+    decides only from its plan and reads no tensor value on the host.
+    """
+
+    def device(self, x) -> str | None:
+        """The device type ``x``'s ops run on (:data:`~kerasbn.backends.plan.CPU`,
+        ``"gpu"``...), or None where ``x`` is not this framework's tensor."""
+
+    def default_device(self) -> str:
+        """The device type that a new tensor of this framework lives on."""
+
+    def formulation(
+        self,
+        shape: Sequence,
+        axes: Sequence[int],
+        *,
+        dtype: str = "float32",
+        epsilon: float = 1e-3,
+        training: bool = True,
+        device: str = CPU,
+    ) -> Plan | None:
+        """How a call with an input of ``shape`` is computed, or None where the
+        fast path declines it: the one place that says when it applies. A rule
+        measured on one device applies on that device only."""
+
+    def batch_normalize(self, x, plan: Plan, gamma, beta, epsilon: float):
+        """Training: ``(y, mean, variance)`` as
+        :func:`kerasbn.formulas.batch_normalize`, as ``plan`` says."""
+
+    def normalize(self, x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
+        """Inference: ``y`` as :func:`kerasbn.formulas.normalize`, as ``plan``
+        (made with ``training=False``) says."""
+
+    def all_finite(self, first, *others):
+        """A scalar boolean tensor: :func:`kerasbn.formulas.all_finite`,
+        reduced as this framework's compiler does best."""
+
+    # The distribution engine.
+    def global_moments(self, local: Moments) -> Moments:
+        """The moments of the global batch, merged with
+        :func:`kerasbn.formulas.combine_moments` over the framework's
+        collectives; ``local`` where nothing is distributed."""
+
+    def assert_divisible(self, x, group_size: int, message: str):
+        """``x``, checked in the graph to have a batch size that ``group_size``
+        divides, where the framework can check a dynamic size; else ``x``."""
+
+
+_LOADED: dict[str, Kernels | None] = {}
+
+
+def current() -> Kernels | None:
+    """The active Keras backend's module, or None where it has none; imported
+    once (``torch.compile`` breaks its graph at an import)."""
     name = keras.backend.backend()
-    if name not in _MODULES:
-        return None
-    module = _LOADED.get(name)
-    if module is None:  # imported once: torch.compile breaks its graph at an import
-        module = _LOADED[name] = importlib.import_module(f"kerasbn.backends.{name}")
-    return module
+    if name not in _LOADED:
+        module_name = f"{__name__}.{name}"
+        found = importlib.util.find_spec(module_name) is not None
+        _LOADED[name] = importlib.import_module(module_name) if found else None
+    return _LOADED[name]
 
 
-def implementation(x, axes: Sequence[int], mask=None):
-    """The module whose ``batch_normalize``/``normalize`` serve this call.
+def formulation(
+    shape: Sequence,
+    axes: Sequence[int],
+    *,
+    dtype: str = "float32",
+    epsilon: float = 1e-3,
+    training: bool = True,
+    device: str | None = None,
+) -> Plan | None:
+    """The active backend's :meth:`Kernels.formulation` (``device`` by default
+    the backend's default device); None without a backend module.
 
-    Args:
-        x: the layer's input.
-        axes: the reduction axes.
-        mask: the broadcastable mask, or None.
-
-    Returns:
-        The active backend's module when its ``applies`` accepts the call,
-        else :mod:`kerasbn.ops`.
+    Example:
+        >>> p = formulation((32, 100), [0])
+        >>> p is None or p.channels == 100
+        True
     """
     module = current()
-    if module is not None and module.applies(x, axes, mask):
-        return module
-    return ops
+    if module is None:
+        return None
+    device = module.default_device() if device is None else device
+    return module.formulation(
+        tuple(shape),
+        axes,
+        dtype=dtype,
+        epsilon=epsilon,
+        training=training,
+        device=device,
+    )
 
 
-def channels_of_reduction(rank: int, axes: Sequence[int]) -> list[int] | None:
-    """The channel axes (those not reduced) of a rank-``rank`` input, sorted.
-
-    None where nothing is reduced, which no fast path serves.
+def plan(x, axes: Sequence[int], mask=None, *, epsilon: float, training: bool):
+    """The plan of a call with input ``x``, or None for :mod:`kerasbn.formulas`
+    (a mask, an unknown rank, or not the backend's tensor).
 
     Example:
-        >>> channels_of_reduction(4, [0, -2, 1])
-        [3]
+        >>> p = plan(keras.ops.ones((4, 3)), [0], epsilon=1e-3, training=True)
+        >>> p is None or (p.start, p.stop)
+        (1, 2)
     """
-    if not axes:
+    module = current()
+    device = None if module is None or mask is not None else module.device(x)
+    if device is None:
         return None
-    reduced = {a % rank for a in axes}
-    return [a for a in range(rank) if a not in reduced]
+    try:
+        shape = tuple(x.shape)
+    except (TypeError, ValueError):  # an unknown rank
+        return None
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    return formulation(
+        shape, axes, dtype=dtype, epsilon=epsilon, training=training, device=device
+    )
 
 
-def channels_of_statistic(shape: Sequence[int], rank: int) -> list[int] | None:
-    """The axes of a rank-``rank`` input along which a statistic of ``shape`` varies.
-
-    Shapes are aligned at the right, as broadcasting aligns them, so the layer's
-    ``(C,)`` weights of a channels-last input give the last axis. A statistic
-    with a single value gives the last axis too; one of higher rank, None.
+def batch_normalize(x, axes: Sequence[int], gamma, beta, epsilon: float, mask=None):
+    """Training-mode BN: the backend's kernel where it has a plan, else
+    :func:`kerasbn.formulas.batch_normalize` (same arguments and results).
 
     Example:
-        >>> channels_of_statistic((1, 8, 1, 1), 4), channels_of_statistic((8,), 4)
-        ([1], [3])
+        >>> x = keras.ops.array([[0.0], [2.0]])
+        >>> y, mean, var = batch_normalize(x, [0], None, None, 0.0)
+        >>> round(float(mean[0, 0]), 6), round(float(var[0, 0]), 6)
+        (1.0, 1.0)
     """
-    shape = tuple(shape)
-    if len(shape) > rank:
-        return None
-    start = rank - len(shape)
-    axes = [start + i for i, d in enumerate(shape) if d != 1]
-    return axes or [rank - 1]
+    chosen = plan(x, axes, mask, epsilon=epsilon, training=True)
+    if chosen is None:
+        return formulas.batch_normalize(x, axes, gamma, beta, epsilon, mask)
+    return current().batch_normalize(x, chosen, gamma, beta, epsilon)
+
+
+def normalize(x, axes: Sequence[int], mean, variance, gamma, beta, epsilon: float):
+    """Inference-mode BN over ``axes``: the backend's kernel where it has a
+    plan, else :func:`kerasbn.formulas.normalize` (same arguments).
+
+    Example:
+        >>> x, one = keras.ops.array([[0.0], [2.0]]), keras.ops.ones((1, 1))
+        >>> keras.ops.convert_to_numpy(normalize(x, [0], one, one, None, None, 0.0))
+        array([[-1.],
+               [ 1.]], dtype=float32)
+    """
+    chosen = plan(x, axes, epsilon=epsilon, training=False)
+    if chosen is None:
+        return formulas.normalize(x, mean, variance, gamma, beta, epsilon)
+    return current().normalize(x, chosen, mean, variance, gamma, beta, epsilon)
 
 
 def all_finite(first, *others):
     """A scalar boolean: every element of every tensor is finite.
 
-    The backend module's ``all_finite`` where it has one (fewer kernels for
-    the same answer), else :func:`kerasbn.ops.all_finite`.
+    Example:
+        >>> bool(all_finite(keras.ops.ones(2), keras.ops.array([1.0, float("nan")])))
+        False
     """
     module = current()
-    check = getattr(module, "all_finite", ops.all_finite)
-    return check(first, *others)
+    if module is None:
+        return formulas.all_finite(first, *others)
+    return module.all_finite(first, *others)
 
 
-def global_moments(local: ops.Moments) -> ops.Moments:
-    """The moments of the global batch, merged over the backend's engine.
+def global_moments(local: Moments) -> Moments:
+    """The moments of the global batch, merged from this replica's ``local``
+    ones over the backend's engine; ``local`` where nothing is distributed.
 
-    Args:
-        local: this replica's (or process's) :class:`kerasbn.ops.Moments`.
-
-    Returns:
-        The merged moments; the local ones where nothing is distributed.
+    Example:
+        >>> m = formulas.sufficient_moments(keras.ops.ones((2, 3)), [0])
+        >>> tuple(global_moments(m).count.shape)  # nothing distributed: local
+        (1, 3)
     """
     module = current()
     return local if module is None else module.global_moments(local)
 
 
 def check_divisible(x, group_size: int):
-    """Returns ``x`` once its batch size is known to be a multiple of ``group_size``.
+    """``x``, once its batch size is known to be a multiple of ``group_size``:
+    a static size at once, a dynamic one by :meth:`Kernels.assert_divisible`.
 
-    A static batch size is checked at once (ValueError); a dynamic one on the
-    TensorFlow backend by an in-graph assertion that ``x`` depends on
-    (InvalidArgumentError).
+    Raises:
+        ValueError: the static batch size is not a multiple of ``group_size``.
+
+    Example:
+        >>> check_divisible(keras.ops.ones((4, 2)), 3)
+        Traceback (most recent call last):
+        ...
+        ValueError: `virtual_batch_size`=3 must divide the batch size in training; got a batch of 4 (shape (4, 2)).
     """
     message = (
         f"`virtual_batch_size`={group_size} must divide the batch size in training"
@@ -125,8 +237,5 @@ def check_divisible(x, group_size: int):
                 f"{message}; got a batch of {batch} (shape {tuple(x.shape)})."
             )
         return x
-    if keras.backend.backend() != "tensorflow":
-        return x
-    from kerasbn.backends import tensorflow as tf_backend
-
-    return tf_backend.assert_divisible(x, group_size, message)
+    module = current()
+    return x if module is None else module.assert_divisible(x, group_size, message)

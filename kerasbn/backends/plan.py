@@ -1,0 +1,180 @@
+"""How a fast path sees one call: the channel view and the formulation, decided once.
+
+A backend's ``formulation(shape, axes, ...)`` returns a :class:`Plan`, or None
+where its fast path declines the call. Every fast path views the input as
+``(outer, channels, inner)``, so the channel axes (those not reduced) must be
+adjacent and of known size (:meth:`Plan.of`). A plan holds static facts only
+(shape, axes, device, training), never a tensor's value or a symbolic size
+compared with a number, so exporters and compilers trace the choice as they
+trace Keras's own BN. Framework-free: backends, tests and benchmarks share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["CPU", "KERNEL_FUNCTIONS", "NOMINAL_DIM", "Plan", "channel_vector"]
+
+KERNEL_FUNCTIONS = (
+    *("device", "default_device", "formulation", "batch_normalize", "normalize"),
+    *("all_finite", "global_moments", "assert_divisible"),
+)
+"""The functions every backend module defines: the members of
+:class:`kerasbn.backends.Kernels`, whose docstrings state their contracts."""
+
+NOMINAL_DIM = 32
+"""Stands for an unknown or symbolic size where a choice depends on a size."""
+
+CPU = "cpu"
+"""The CPU's device type. A ``device`` is the lower-case type of device a call
+runs on (``"cpu"``, ``"gpu"``, ``"cuda"``...); a choice measured on a CPU
+applies on ``CPU`` only."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A call's view ``(outer, channels, inner)`` and how it is computed.
+
+    Hashable and static: JAX takes it as a static argument.
+
+    Attributes:
+        shape: the input's static shape: ints, None (unknown) or a
+            framework's symbolic sizes.
+        start, stop: the channel axes are ``start .. stop - 1``.
+        formulation: the backend's name for how the call is computed.
+        device: the device type the call runs on (see :data:`CPU`).
+        training: whether the call uses batch statistics.
+
+    Example:
+        >>> plan = Plan.of((8, 5, 5, 3), [0, 1, 2])
+        >>> plan.channels, plan.count, plan.keepdims_shape, plan.channels_last
+        (3, 200, (1, 1, 1, 3), True)
+        >>> Plan.of((8, 5, 3), [1]) is None  # channel axes 0 and 2: not adjacent
+        True
+    """
+
+    shape: tuple[Any, ...]
+    start: int
+    stop: int
+    formulation: str = ""
+    device: str = CPU
+    training: bool = True
+
+    @classmethod
+    def of(cls, shape: Sequence, axes: Sequence[int], **fields) -> Plan | None:
+        """The plan of an input of ``shape`` reduced over ``axes``, with the
+        other attributes from ``fields``; None where nothing is reduced,
+        nothing is left, or the channel axes are not adjacent or not known."""
+        shape = tuple(shape)
+        reduced = {a % len(shape) for a in axes}
+        channel_axes = [a for a in range(len(shape)) if a not in reduced]
+        if not reduced or not channel_axes:
+            return None
+        start, stop = channel_axes[0], channel_axes[-1] + 1
+        if channel_axes != list(range(start, stop)):
+            return None
+        if not all(isinstance(shape[a], int) for a in channel_axes):
+            return None
+        return cls(shape, start, stop, **fields)
+
+    def using(self, formulation: str) -> Plan:
+        """This plan with another formulation."""
+        return dataclasses.replace(self, formulation=formulation)
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def channels(self) -> int:
+        """The product of the channel axes' sizes."""
+        return math.prod(self.shape[self.start : self.stop])
+
+    @property
+    def outer(self):
+        """The product of the sizes before the channel axes (None if unknown)."""
+        return _product(self.shape[: self.start])
+
+    @property
+    def inner(self):
+        """The product of the sizes after the channel axes (None if unknown)."""
+        return _product(self.shape[self.stop :])
+
+    @property
+    def count(self):
+        """Values per channel, ``outer * inner`` (None if unknown)."""
+        return _product((self.outer, self.inner))
+
+    @property
+    def nominal_count(self) -> int:
+        """Values per channel, an unknown or symbolic size counting as
+        :data:`NOMINAL_DIM`: a plain int to compare with thresholds."""
+        sizes = self.shape[: self.start] + self.shape[self.stop :]
+        return math.prod(d if isinstance(d, int) else NOMINAL_DIM for d in sizes)
+
+    @property
+    def nominal_size(self) -> int:
+        """The number of elements, counted as :attr:`nominal_count` counts."""
+        return self.nominal_count * self.channels
+
+    @property
+    def known_outer(self) -> int:
+        """The product of the known sizes before the channel axes: the rows of
+        a channels-last input are a multiple of it."""
+        return math.prod(d for d in self.shape[: self.start] if isinstance(d, int))
+
+    @property
+    def static(self) -> bool:
+        """Whether every size is a plain int."""
+        return all(isinstance(d, int) for d in self.shape)
+
+    @property
+    def empty(self) -> bool:
+        """Whether a known size is 0 (symbolic sizes are not compared: that
+        would add a guard to a trace)."""
+        return any(isinstance(d, int) and d == 0 for d in self.shape)
+
+    @property
+    def channels_last(self) -> bool:
+        return self.stop == self.rank
+
+    @property
+    def keepdims_shape(self) -> tuple[int, ...]:
+        """The statistics' shape: the channel sizes, 1 on the reduced axes."""
+        return tuple(
+            d if self.start <= a < self.stop else 1 for a, d in enumerate(self.shape)
+        )
+
+
+def _product(sizes: Sequence):
+    return None if any(d is None for d in sizes) else math.prod(sizes)
+
+
+def channel_vector(value, plan: Plan, xp, shape: Sequence[int] | None = None):
+    """A per-channel ``value`` broadcastable to the input, as a vector of ``shape``.
+
+    ``value`` is broadcast to :attr:`Plan.keepdims_shape` and reshaped to
+    ``shape`` (default ``(channels,)``); one of that shape already (the
+    layer's weights, for channels-last inputs) comes back as it is, with no op.
+
+    Args:
+        value: a tensor broadcastable to the statistics' shape.
+        plan: the call's plan.
+        xp: the framework's ``broadcast_to(t, shape)`` and ``reshape(t,
+            shape)`` (``jax.numpy``, ``tensorflow``, ``torch``).
+        shape: the vector's shape.
+
+    Example:
+        >>> import numpy as np
+        >>> channel_vector(np.ones((1, 3, 1)), Plan.of((4, 3, 2), [0, 2]), np).shape
+        (3,)
+    """
+    shape = (plan.channels,) if shape is None else tuple(shape)
+    if tuple(value.shape) == shape:
+        return value
+    if tuple(value.shape) != plan.keepdims_shape:
+        value = xp.broadcast_to(value, plan.keepdims_shape)
+    return xp.reshape(value, shape)
