@@ -1,6 +1,7 @@
 """kerasbn: batch normalization for Keras 3, a drop-in for keras.layers.BatchNormalization."""
 
 from kerasbn.convert import from_keras, load_model, to_keras
+from kerasbn.diagnose import BNMonitor, Diagnosis, diagnose
 from kerasbn.fold import fold_batch_norms
 from kerasbn.freeze import freeze_batch_norms
 from kerasbn.layer import BatchNorm
@@ -13,6 +14,9 @@ BatchNormalization = BatchNorm
 __all__ = [
     "BatchNorm",
     "BatchNormalization",
+    "BNMonitor",
+    "Diagnosis",
+    "diagnose",
     "fold_batch_norms",
     "freeze_batch_norms",
     "from_keras",

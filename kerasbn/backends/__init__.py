@@ -4,7 +4,9 @@ Each backend module (``kerasbn.backends.tensorflow``, ``.jax``, ``.torch``)
 exposes the same ``batch_normalize`` and ``normalize`` as :mod:`kerasbn.ops`
 (which is the fallback everywhere), ``applies(x, axes, mask)``, which says
 whether it computes that call exactly, and ``global_moments(local)``, which
-merges the per-replica moments over that backend's distribution engine.
+merges the per-replica moments over that backend's distribution engine, and
+``gather_workers(array, variable)``, which all-gathers a host-side float64
+array over that engine's workers (processes) for the tools' statistics pass.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 import keras
+import numpy as np
 
 from kerasbn import ops
 
@@ -106,6 +109,33 @@ def global_moments(local: ops.Moments) -> ops.Moments:
     """
     module = current()
     return local if module is None else module.global_moments(local)
+
+
+def gather_workers(array, variable=None):
+    """Every worker's float64 NumPy ``array``, stacked in rank order, bit for bit.
+
+    The workers are those of the backend's engine: the processes of a
+    ``tf.distribute`` strategy (the one in scope, else the one holding
+    ``variable``), of ``jax.distributed``, or of a ``torch.distributed``
+    process group. Every worker must call it with an array of the same shape.
+
+    Args:
+        array: this worker's array.
+        variable: a Keras variable of the model (TensorFlow finds the
+            strategy that holds it), or None.
+
+    Returns:
+        ``(workers, *array.shape)`` float64; ``array[None]`` where nothing is
+        distributed.
+
+    Example:
+        >>> gather_workers(np.ones(2)).tolist()  # one process
+        [[1.0, 1.0]]
+    """
+    module = current()
+    if module is None:
+        return np.asarray(array, np.float64)[np.newaxis]
+    return module.gather_workers(array, variable)
 
 
 def check_divisible(x, group_size: int):

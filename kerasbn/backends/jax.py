@@ -101,6 +101,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import keras
+import numpy as np
 
 from kerasbn import ops
 
@@ -491,3 +492,36 @@ def all_finite(first, *others):
     for i in range(1, probe.shape[0]):
         total = total + probe[i]
     return total == 0.0
+
+
+# ------------------------------------------------ host-side worker gather
+def gather_workers(array: np.ndarray, variable=None) -> np.ndarray:
+    """Every process's float64 ``array``, stacked in process order, bit for bit.
+
+    With several JAX processes (``jax.distributed``), one
+    ``multihost_utils.process_allgather`` brings each process's array to
+    every process. The float64 values travel as their bytes (viewed as
+    uint32), so that JAX without x64 does not round them to float32. With one
+    process, ``array[None]``. Every process must call it, with arrays of the
+    same shape.
+
+    Args:
+        array: this process's array.
+        variable: unused (the processes are JAX's own).
+
+    Returns:
+        ``(processes, *array.shape)`` float64.
+
+    Example:
+        >>> gather_workers(np.arange(3.0)).shape  # one process
+        (1, 3)
+    """
+    array = np.ascontiguousarray(array, np.float64)
+    if jax.process_count() == 1:
+        return array[np.newaxis]
+    from jax.experimental import multihost_utils
+
+    words = array.reshape(-1).view(np.uint32)
+    gathered = np.asarray(multihost_utils.process_allgather(words, tiled=False))
+    gathered = np.ascontiguousarray(gathered, np.uint32).view(np.float64)
+    return gathered.reshape(jax.process_count(), *array.shape)

@@ -63,6 +63,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from kerasbn import backends, ops
@@ -691,3 +692,47 @@ def assert_divisible(x, group_size: int, message: str):
     check = tf.debugging.assert_equal(tf.shape(x)[0] % group_size, 0, message=message)
     with tf.control_dependencies([check]):
         return tf.identity(x)
+
+
+# ------------------------------------------------ host-side worker gather
+def gather_workers(array: np.ndarray, variable=None) -> np.ndarray:
+    """Every worker's float64 ``array``, stacked in worker order, bit for bit.
+
+    The strategy is the one in scope, else the one that holds ``variable``
+    (a Keras variable of the model). Under a strategy whose replicas span
+    several workers (``MultiWorkerMirroredStrategy``), one
+    ``strategy.gather`` brings each worker's array to every worker (every
+    local replica contributes the same copy; one per worker is kept). Under
+    a strategy of one worker (``MirroredStrategy`` over local devices), or
+    none, this process holds everything: ``array[None]``.
+
+    Every worker must call it, with arrays of the same shape.
+
+    Args:
+        array: this worker's array.
+        variable: a Keras variable of the model, or None.
+
+    Returns:
+        ``(workers, *array.shape)`` float64.
+
+    Example:
+        >>> gather_workers(np.arange(3.0)).shape  # no strategy: this worker only
+        (1, 3)
+    """
+    array = np.asarray(array, np.float64)
+    strategy = _strategy(variable)
+    local = len(strategy.extended.worker_devices) if strategy is not None else 1
+    if strategy is None or strategy.num_replicas_in_sync <= local:
+        return array[np.newaxis]
+    value = tf.constant(array[np.newaxis])
+    per_replica = strategy.experimental_distribute_values_from_function(lambda _: value)
+    gathered = strategy.gather(per_replica, axis=0).numpy()
+    return gathered[::local]
+
+
+def _strategy(variable):
+    """The ``tf.distribute`` strategy in scope, else the one holding ``variable``."""
+    if tf.distribute.has_strategy():
+        return tf.distribute.get_strategy()
+    held = getattr(variable, "value", None)
+    return getattr(held, "distribute_strategy", None)
