@@ -569,48 +569,102 @@ _SUMS += ("loss_moving", "loss_population")
 def _compare(model, result: _statistics.PassResult) -> ModelComparison:
     """Both inference passes over the kept batches, merged over workers.
 
-    The compiled metrics' states are put back afterwards: those that existed
-    get their values back, those that the first update built are reset.
+    The loss and the compiled metrics are computed in ``keras.StatelessScope``
+    s on states held here: the model's metric variables are neither read nor
+    written per batch (under ``tf.distribute`` each access of one is a
+    collective, which workers with different numbers of batches could not
+    pair). Only where they are first built (one real update on the first
+    batch, on every worker) are they touched, and then reset.
     """
     kept = result.kept
     labeled = bool(getattr(model, "compiled", False)) and all(
         b.y is not None for b in kept
     )
-    saved = {id(v): (v, _numpy(v)) for v in model.metrics_variables} if labeled else {}
     with_loss = labeled and getattr(model, "loss", None) is not None
+    metrics = _Metrics(model, kept[0], with_loss) if labeled else None
     sums = dict.fromkeys(_SUMS, 0.0)
     states = {}
-    try:
-        if labeled:
+    moving = []
+    state = metrics.initial() if metrics else None
+    for batch in kept:
+        y_pred = model(batch.x, training=False)
+        moving.append([_numpy(t) for t in keras.tree.flatten(y_pred)])
+        if metrics:
+            state, loss = metrics.update(state, batch, y_pred)
+            sums["loss_moving"] += loss
+    states["moving"] = state
+    state = metrics.initial() if metrics else None
+    predict = _population_predictor(model, result)
+    for batch, before in zip(kept, moving):
+        y_pred = predict(batch.x)
+        after = [_numpy(t) for t in keras.tree.flatten(y_pred)]
+        _accumulate(sums, before, after, batch.size)
+        if metrics:
+            state, loss = metrics.update(state, batch, y_pred)
+            sums["loss_population"] += loss
+    states["population"] = state
+    variable = result.found[0][1].moving_mean  # locates a tf.distribute strategy
+    return _merge_comparison(sums, states, metrics, variable)
+
+
+class _Metrics:
+    """The model's compiled loss and metrics, on states held outside the model.
+
+    Args:
+        model: a compiled model.
+        first: the first batch; where the metrics are not built yet, one real
+            update on it builds them, and they are reset.
+        with_loss: whether the model has a compiled loss.
+    """
+
+    def __init__(self, model, first, with_loss: bool):
+        self.model = model
+        self.with_loss = with_loss
+        if not all(getattr(m, "built", True) for m in model.metrics):
+            y_pred = model(first.x, training=False)
+            self._score(first, y_pred)
             model.reset_metrics()
-        moving = []
-        for batch in kept:
-            y_pred = model(batch.x, training=False)
-            moving.append([_numpy(t) for t in keras.tree.flatten(y_pred)])
-            if labeled:
-                _score(model, batch, y_pred, sums, "moving", with_loss)
-        # (the metrics' variables exist once they have been updated)
-        metric_variables = list(model.metrics_variables) if labeled else []
-        states["moving"] = [_numpy(v) for v in metric_variables]
-        if labeled:
-            model.reset_metrics()
-        predict = _population_predictor(model, result)
-        for batch, before in zip(kept, moving):
-            y_pred = predict(batch.x)
-            after = [_numpy(t) for t in keras.tree.flatten(y_pred)]
-            _accumulate(sums, before, after, batch.size)
-            if labeled:
-                _score(model, batch, y_pred, sums, "population", with_loss)
-        states["population"] = [_numpy(v) for v in metric_variables]
-        variable = result.found[0][1].moving_mean  # locates a tf.distribute strategy
-        return _merge_comparison(
-            sums, states, metric_variables, model, with_loss, variable
-        )
-    finally:
-        if labeled:
-            model.reset_metrics()
-            for variable, value in saved.values():
-                variable.assign(value)
+        self.variables = [v for m in model.metrics for v in m.variables]
+
+    def initial(self) -> list:
+        """The metrics' reset states (nothing read or written)."""
+        return [
+            value for m in self.model.metrics for value in m.stateless_reset_state()
+        ]
+
+    def update(self, state: list, batch, y_pred) -> tuple[list, float]:
+        """``state`` updated with one batch; and the batch's loss times its size
+        (``evaluate`` weights each batch's loss by its size)."""
+        mapping = list(zip(self.variables, state))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            loss = self._score(batch, y_pred)
+        new = [scope.get_current_value(v) for v in self.variables]
+        state = [old if value is None else value for old, value in zip(state, new)]
+        return state, batch.size * loss
+
+    def _score(self, batch, y_pred) -> float:
+        model, loss = self.model, 0.0
+        if self.with_loss:
+            value = model.compute_loss(
+                x=batch.x, y=batch.y, y_pred=y_pred, sample_weight=batch.sample_weight
+            )
+            # (in a tf.distribute scope Keras divides it by the replicas)
+            loss = float(_numpy(value)) * backends.replicas_in_sync()
+        model.compute_metrics(batch.x, batch.y, y_pred, batch.sample_weight)
+        return loss
+
+    def results(self, state: list, loss: float | None) -> dict:
+        """The metrics' results for ``state`` (Keras's loss tracker, which is
+        not updated here, replaced by ``loss``)."""
+        with keras.StatelessScope(state_mapping=list(zip(self.variables, state))):
+            values = self.model.get_metrics_result()
+        results = {}
+        for name, value in values.items():
+            array = _numpy(value)
+            if array.size == 1:
+                results[name] = float(array)
+        results.pop("loss", None)
+        return results if loss is None else {"loss": float(loss), **results}
 
 
 def _numpy(value) -> np.ndarray:
@@ -654,17 +708,6 @@ def _population_or_moving(layer, moments) -> tuple[np.ndarray, np.ndarray]:
     return np.where(seen, mean, moving_mean), np.where(seen, variance, moving_variance)
 
 
-def _score(model, batch, y_pred, sums: dict, way: str, with_loss: bool) -> None:
-    """Updates the compiled metrics with one batch, and the loss sum (each
-    batch weighted by its size, as ``evaluate`` weights it)."""
-    if with_loss:
-        loss = model.compute_loss(
-            x=batch.x, y=batch.y, y_pred=y_pred, sample_weight=batch.sample_weight
-        )
-        sums[f"loss_{way}"] += batch.size * float(_numpy(loss))
-    model.compute_metrics(batch.x, batch.y, y_pred, batch.sample_weight)
-
-
 def _accumulate(sums: dict, before: list, after: list, size: int) -> None:
     """Adds one batch's output changes to the running sums."""
     sums["samples"] += size
@@ -685,30 +728,32 @@ def _accumulate(sums: dict, before: list, after: list, size: int) -> None:
             sums["changed"] += float(changed.sum())
 
 
-def _merge_comparison(
-    sums: dict, states: dict, metric_variables: list, model, with_loss: bool, variable
-) -> ModelComparison:
+def _merge_comparison(sums: dict, states: dict, metrics, variable) -> ModelComparison:
     """The comparison over every worker: sums added, metric states merged by
     their variables' aggregation (Keras sums metric states across replicas)."""
     names = list(_SUMS)
     flat = [np.array([sums[n] for n in names], np.float64)]
-    for way in ("moving", "population"):
-        flat += [np.asarray(v, np.float64).ravel() for v in states[way]]
-    local = np.concatenate(flat)
-    gathered = backends.gather_workers(local, variable)
+    shapes = []
+    if metrics:
+        for way in ("moving", "population"):
+            values = [_numpy(v) for v in states[way]]
+            shapes.append([v.shape for v in values])
+            flat += [np.asarray(v, np.float64).ravel() for v in values]
+    gathered = backends.gather_workers(np.concatenate(flat), variable)
     totals = dict(zip(names, gathered[:, : len(names)].sum(axis=0)))
     totals["max"] = float(gathered[:, names.index("max")].max())
+    results = {"moving": None, "population": None}
     start = len(names)
-    metrics = {}
-    for way in ("moving", "population"):
-        values = []
-        for variable, value in zip(metric_variables, states[way]):
-            size = value.size
+    for way, way_shapes in zip(("moving", "population"), shapes):
+        merged = []
+        for v, shape in zip(metrics.variables, way_shapes):
+            size = int(np.prod(shape, dtype=int))
             parts = gathered[:, start : start + size]
             start += size
-            values.append(_aggregate(variable, parts).reshape(value.shape))
-        loss = totals[f"loss_{way}"] / totals["samples"] if with_loss else None
-        metrics[way] = _metric_results(model, metric_variables, values, loss)
+            value = _aggregate(v, parts).reshape(shape)
+            merged.append(value.astype(keras.backend.standardize_dtype(v.dtype)))
+        loss = totals[f"loss_{way}"] / totals["samples"] if metrics.with_loss else None
+        results[way] = metrics.results(merged, loss)
     finite = max(totals["finite"], 1.0)
     rows = totals["rows"]
     return ModelComparison(
@@ -719,8 +764,8 @@ def _merge_comparison(
         changed_predictions=totals["changed"] / rows if rows else None,
         nonfinite_moving=int(totals["nonfinite_moving"]),
         nonfinite_population=int(totals["nonfinite_population"]),
-        metrics_moving=metrics["moving"],
-        metrics_population=metrics["population"],
+        metrics_moving=results["moving"],
+        metrics_population=results["population"],
     )
 
 
@@ -732,23 +777,6 @@ def _aggregate(variable, parts: np.ndarray) -> np.ndarray:
     if aggregation == "mean":
         return parts.mean(axis=0)
     return parts[0]
-
-
-def _metric_results(model, variables, values, loss: float | None) -> dict | None:
-    """The compiled metrics' results from merged states, and the loss."""
-    if not variables:
-        return None
-    for variable, value in zip(variables, values):
-        variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
-    results = {}
-    for name, value in model.get_metrics_result().items():
-        array = _numpy(value)
-        if array.size == 1:
-            results[name] = float(array)
-    results.pop("loss", None)  # Keras's loss tracker, not updated here
-    if loss is not None:
-        results = {"loss": float(loss), **results}
-    return results
 
 
 # --------------------------------------------------------------- the report

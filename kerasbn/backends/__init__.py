@@ -138,6 +138,21 @@ def gather_workers(array, variable=None):
     return module.gather_workers(array, variable)
 
 
+def replicas_in_sync() -> int:
+    """The replicas that Keras divides a loss by in the current scope.
+
+    The ``tf.distribute`` strategy's ``num_replicas_in_sync`` in its scope on
+    TensorFlow; 1 elsewhere (JAX and PyTorch do not scale losses).
+
+    Example:
+        >>> replicas_in_sync()
+        1
+    """
+    module = current()
+    replicas = getattr(module, "replicas_in_sync", None)
+    return 1 if replicas is None else replicas()
+
+
 def check_divisible(x, group_size: int):
     """Returns ``x`` once its batch size is known to be a multiple of ``group_size``.
 

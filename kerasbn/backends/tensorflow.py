@@ -736,3 +736,17 @@ def _strategy(variable):
         return tf.distribute.get_strategy()
     held = getattr(variable, "value", None)
     return getattr(held, "distribute_strategy", None)
+
+
+def replicas_in_sync() -> int:
+    """The replicas of the ``tf.distribute`` strategy in scope (1 outside any).
+
+    Keras divides a loss computed in a strategy's scope by this number (each
+    replica's share of the global batch's mean); the tools' statistics pass
+    multiplies it back.
+
+    Example:
+        >>> replicas_in_sync()
+        1
+    """
+    return tf.distribute.get_strategy().num_replicas_in_sync
