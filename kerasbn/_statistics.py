@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import itertools
 from collections.abc import Iterator
 
@@ -44,6 +45,7 @@ __all__ = [
     "PassResult",
     "batches",
     "check_positive_int",
+    "inference_arguments",
     "merge",
     "moving_values",
     "population",
@@ -224,15 +226,15 @@ class _Recorder:
     """Wraps one BN layer's ``call``, on the layer object, for the pass.
 
     The wrapped call computes the shifted moments of its input (masked by the
-    layer's rule), keeps them as float64 NumPy arrays (a layer called several
-    times per batch merges its calls), and calls the layer with
-    ``training=True``.
+    layer's rule) as one stacked tensor, ``(count, shift, offset, m2,
+    samples)``, keeps it, and calls the layer with ``training=True``. It runs
+    inside the pass's step, eager or compiled: the tensors kept are the
+    step's outputs (:meth:`pop`), read to the host after it.
     """
 
     def __init__(self, bn):
         self.bn = bn
-        self._moments = None
-        self._samples = 0
+        self._calls: list = []
         self._call = bn.call
         object.__setattr__(bn, "call", self._recording_call)
 
@@ -246,23 +248,28 @@ class _Recorder:
         moments = bn_ops.sufficient_moments(
             inputs, reduction, bn_ops.expand_mask(mask, inputs)
         )
-        shape = tuple(inputs.shape[a] for a in channels)
-        fields = ops.convert_to_numpy(ops.stack(list(moments))).astype("f8")
-        moments = bn_ops.Moments(*(f.reshape(shape) for f in fields))
-        self._moments = (
-            moments if self._moments is None else merge(self._moments, moments)
+        samples = ops.zeros_like(moments.count) + ops.cast(
+            ops.shape(inputs)[0], moments.count.dtype
         )
-        self._samples = max(self._samples, int(inputs.shape[0]))
+        self._calls.append(ops.stack([*moments, samples]))
         return self._call(inputs, training=True, mask=mask)
 
-    def take(self) -> LayerStatistics | None:
-        """The statistics of the batch just run (None if the layer was not
-        called); the record starts afresh."""
-        if self._moments is None:
-            return None
-        batch = LayerStatistics.of_batch(self._moments, self._samples)
-        self._moments, self._samples = None, 0
-        return batch
+    def pop(self) -> list:
+        """The tensors that the calls since the last ``pop`` kept."""
+        calls, self._calls = self._calls, []
+        return calls
+
+    def statistics(self, calls: list) -> LayerStatistics | None:
+        """One batch's statistics from the tensors of its calls (None if the
+        layer was not called); several calls are merged."""
+        shape = tuple(self.bn.moving_mean.shape)
+        pooled, samples = None, 0
+        for tensor in calls:
+            fields = ops.convert_to_numpy(tensor).astype("f8").reshape(5, *shape)
+            moments = bn_ops.Moments(*fields[:4])
+            pooled = moments if pooled is None else merge(pooled, moments)
+            samples = max(samples, int(fields[4].flat[0]))
+        return None if pooled is None else LayerStatistics.of_batch(pooled, samples)
 
     def remove(self) -> None:
         object.__delattr__(self.bn, "call")
@@ -339,8 +346,8 @@ def run(
     """One pass over ``data``: each BN layer's statistics, merged over workers.
 
     Args:
-        model: the model; called eagerly, ``model(x, training=False)``, once
-            per batch.
+        model: the model; run once per batch, ``training=False`` (its BN
+            layers record and use batch statistics).
         found: ``(path, layer)`` of its BN layers (:func:`_graph.batch_norms`).
         data: see :func:`batches`; read once.
         steps: the number of batches to read; None for all.
@@ -354,18 +361,51 @@ def run(
     merged: list = [None] * len(layers)
     kept, count = [], 0
     with recording(layers) as recorders:
+        step = _recording_step(model, recorders)
         for batch in batches(data, steps, batch_size):
-            model(batch.x, training=False)
+            outputs = step(batch.x)
             count += 1
             if keep:
                 kept.append(batch)
-            for i, recorder in enumerate(recorders):
-                taken = recorder.take()
+            for i, (recorder, calls) in enumerate(zip(recorders, outputs)):
+                taken = recorder.statistics(calls)
                 if taken is not None:
                     merged[i] = taken if merged[i] is None else merged[i].merge(taken)
     shapes = [_channel_shape(layer) for layer in layers]
     merged, count = _across_workers(merged, shapes, count, layers[0].moving_mean)
     return PassResult(found, merged, count, kept)
+
+
+def _recording_step(model, recorders: list):
+    """``x -> [each recorder's tensors]``: one eager call of the model in
+    recording mode, a ``stateless_call``, so that the BN layers' training-mode
+    calls assign nothing.
+
+    (Eager: a compiled step, e.g. ``jax.jit``, would compile the whole model
+    at every pass, where op-by-op calls reuse the backend's compiled ops from
+    one pass to the next.)
+    """
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    inference = inference_arguments(model)
+
+    def step(x):
+        model.stateless_call(trainable, non_trainable, x, **inference)
+        return [recorder.pop() for recorder in recorders]
+
+    return step
+
+
+def inference_arguments(model) -> dict:
+    """``{"training": False}`` where ``model.call`` takes ``training``, else
+    ``{}``: what ``model(x, training=False)`` passes on (``stateless_call``
+    passes its keywords to ``call`` as they are)."""
+    parameters = inspect.signature(model.call).parameters.values()
+    takes = any(
+        p.name == "training" or p.kind is inspect.Parameter.VAR_KEYWORD
+        for p in parameters
+    )
+    return {"training": False} if takes else {}
 
 
 def _channel_shape(layer) -> tuple[int, ...]:

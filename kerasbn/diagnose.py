@@ -687,8 +687,10 @@ def _population_predictor(model, result: _statistics.PassResult):
         replacement.get(id(v), v.value) for v in model.non_trainable_variables
     ]
 
+    inference = _statistics.inference_arguments(model)
+
     def predict(x):
-        outputs, _ = model.stateless_call(trainable, non_trainable, x, training=False)
+        outputs, _ = model.stateless_call(trainable, non_trainable, x, **inference)
         return outputs
 
     return predict
