@@ -41,6 +41,7 @@ from kerasbn import ops as bn_ops
 
 __all__ = [
     "Batch",
+    "Compiled",
     "LayerStatistics",
     "PassResult",
     "batches",
@@ -335,6 +336,49 @@ class PassResult:
     kept: list
 
 
+class Compiled:
+    """The functions that one model's passes run, compiled where the backend
+    compiles (:func:`kerasbn.backends.jit`: ``jax.jit`` on JAX, eager
+    elsewhere), kept for later passes over the same model.
+
+    A compiled function is traced from the model as it is at its first call
+    (as Keras's own ``predict_function`` is): keep one only while the model's
+    layers and configuration stay as they are (``BNMonitor`` keeps one for a
+    ``fit``).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.recorders: list = []
+        self._functions: dict = {}
+
+    def recording_step(self):
+        """``(trainable, non_trainable, x) -> [each recorder's tensors]``: one
+        call of the model in recording mode, a ``stateless_call`` (the BN
+        layers' training-mode calls assign nothing)."""
+        if "record" not in self._functions:
+            model, inference = self.model, inference_arguments(self.model)
+
+            def step(trainable, non_trainable, x):
+                model.stateless_call(trainable, non_trainable, x, **inference)
+                return [recorder.pop() for recorder in self.recorders]
+
+            self._functions["record"] = backends.jit(step)
+        return self._functions["record"]
+
+    def inference(self):
+        """``(trainable, non_trainable, x) -> outputs`` at inference, a
+        ``stateless_call``: one function for any values of the statistics."""
+        if "infer" not in self._functions:
+            model, inference = self.model, inference_arguments(self.model)
+
+            def call(trainable, non_trainable, x):
+                return model.stateless_call(trainable, non_trainable, x, **inference)[0]
+
+            self._functions["infer"] = backends.jit(call)
+        return self._functions["infer"]
+
+
 def run(
     model: keras.Model,
     found: list,
@@ -342,58 +386,51 @@ def run(
     steps: int | None,
     batch_size: int,
     keep: bool = False,
+    compiled: Compiled | None = None,
 ) -> PassResult:
     """One pass over ``data``: each BN layer's statistics, merged over workers.
 
     Args:
-        model: the model; run once per batch, ``training=False`` (its BN
-            layers record and use batch statistics).
+        model: the model; run once per batch at inference, its BN layers
+            recording and using batch statistics.
         found: ``(path, layer)`` of its BN layers (:func:`_graph.batch_norms`).
         data: see :func:`batches`; read once.
         steps: the number of batches to read; None for all.
         batch_size: the batch size for arrays.
         keep: whether to keep the batches read (in :attr:`PassResult.kept`).
+        compiled: the model's :class:`Compiled` functions, if kept from an
+            earlier pass.
 
     Returns:
         The :class:`PassResult`. The model is as it was before.
     """
+    compiled = compiled or Compiled(model)
     layers = [layer for _, layer in found]
     merged: list = [None] * len(layers)
     kept, count = [], 0
     with recording(layers) as recorders:
-        step = _recording_step(model, recorders)
-        for batch in batches(data, steps, batch_size):
-            outputs = step(batch.x)
-            count += 1
-            if keep:
-                kept.append(batch)
-            for i, (recorder, calls) in enumerate(zip(recorders, outputs)):
-                taken = recorder.statistics(calls)
-                if taken is not None:
-                    merged[i] = taken if merged[i] is None else merged[i].merge(taken)
+        compiled.recorders = recorders
+        step = compiled.recording_step()
+        # (taken in recording mode: every BN layer is trainable)
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        try:
+            for batch in batches(data, steps, batch_size):
+                outputs = step(trainable, non_trainable, batch.x)
+                count += 1
+                if keep:
+                    kept.append(batch)
+                for i, (recorder, calls) in enumerate(zip(recorders, outputs)):
+                    taken = recorder.statistics(calls)
+                    if taken is not None:
+                        merged[i] = (
+                            taken if merged[i] is None else merged[i].merge(taken)
+                        )
+        finally:
+            compiled.recorders = []
     shapes = [_channel_shape(layer) for layer in layers]
     merged, count = _across_workers(merged, shapes, count, layers[0].moving_mean)
     return PassResult(found, merged, count, kept)
-
-
-def _recording_step(model, recorders: list):
-    """``x -> [each recorder's tensors]``: one eager call of the model in
-    recording mode, a ``stateless_call``, so that the BN layers' training-mode
-    calls assign nothing.
-
-    (Eager: a compiled step, e.g. ``jax.jit``, would compile the whole model
-    at every pass, where op-by-op calls reuse the backend's compiled ops from
-    one pass to the next.)
-    """
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-    inference = inference_arguments(model)
-
-    def step(x):
-        model.stateless_call(trainable, non_trainable, x, **inference)
-        return [recorder.pop() for recorder in recorders]
-
-    return step
 
 
 def inference_arguments(model) -> dict:

@@ -566,8 +566,14 @@ _SUMS += ("rows", "changed", "nonfinite_moving", "nonfinite_population")
 _SUMS += ("loss_moving", "loss_population")
 
 
-def _compare(model, result: _statistics.PassResult) -> ModelComparison:
+def _compare(
+    model, result: _statistics.PassResult, compiled: _statistics.Compiled
+) -> ModelComparison:
     """Both inference passes over the kept batches, merged over workers.
+
+    Both run one inference function (``compiled.inference()``), with the
+    model's own non-trainable values and with the population statistics in
+    place of the moving ones.
 
     The loss and the compiled metrics are computed in ``keras.StatelessScope``
     s on states held here: the model's metric variables are neither read nor
@@ -585,18 +591,21 @@ def _compare(model, result: _statistics.PassResult) -> ModelComparison:
     sums = dict.fromkeys(_SUMS, 0.0)
     states = {}
     moving = []
+    infer = compiled.inference()
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
     state = metrics.initial() if metrics else None
     for batch in kept:
-        y_pred = model(batch.x, training=False)
+        y_pred = infer(trainable, non_trainable, batch.x)
         moving.append([_numpy(t) for t in keras.tree.flatten(y_pred)])
         if metrics:
             state, loss = metrics.update(state, batch, y_pred)
             sums["loss_moving"] += loss
     states["moving"] = state
     state = metrics.initial() if metrics else None
-    predict = _population_predictor(model, result)
+    population = _population_values(model, result)
     for batch, before in zip(kept, moving):
-        y_pred = predict(batch.x)
+        y_pred = infer(trainable, population, batch.x)
         after = [_numpy(t) for t in keras.tree.flatten(y_pred)]
         _accumulate(sums, before, after, batch.size)
         if metrics:
@@ -671,10 +680,9 @@ def _numpy(value) -> np.ndarray:
     return np.asarray(ops.convert_to_numpy(value))
 
 
-def _population_predictor(model, result: _statistics.PassResult):
-    """``x -> outputs`` of ``model`` with every reached BN layer's moving
-    statistics replaced by the population's: a ``stateless_call``, which
-    assigns nothing."""
+def _population_values(model, result: _statistics.PassResult) -> list:
+    """The model's non-trainable values, with every reached BN layer's moving
+    statistics replaced by the population's (nothing is assigned)."""
     replacement = {}
     for (_, layer), record in zip(result.found, result.statistics):
         if record is None:
@@ -682,18 +690,7 @@ def _population_predictor(model, result: _statistics.PassResult):
         mean, variance = _population_or_moving(layer, record.population)
         for variable, value in _statistics.moving_values(layer, mean, variance):
             replacement[id(variable)] = ops.convert_to_tensor(value)
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [
-        replacement.get(id(v), v.value) for v in model.non_trainable_variables
-    ]
-
-    inference = _statistics.inference_arguments(model)
-
-    def predict(x):
-        outputs, _ = model.stateless_call(trainable, non_trainable, x, **inference)
-        return outputs
-
-    return predict
+    return [replacement.get(id(v), v.value) for v in model.non_trainable_variables]
 
 
 def _population_or_moving(layer, moments) -> tuple[np.ndarray, np.ndarray]:
@@ -1114,17 +1111,24 @@ def diagnose(
         >>> kerasbn.diagnose(kerasbn.recalibrate(model, x), x).layers[0].verdict
         'ok'
     """
+    return _diagnose(model, data, steps, batch_size, None)
+
+
+def _diagnose(model, data, steps, batch_size, compiled) -> Diagnosis:
+    """:func:`diagnose`, with the model's compiled functions where kept."""
     _statistics.check_positive_int("steps", steps, allow_none=True)
     _statistics.check_positive_int("batch_size", batch_size)
     if not isinstance(model, keras.Model):
         raise TypeError(f"diagnose needs a keras.Model; got {type(model).__name__}.")
+    if compiled is None or compiled.model is not model:
+        compiled = _statistics.Compiled(model)
     found = _graph.batch_norms(model)
     if not found:
         raise ValueError(
             f"diagnose found no BN layer (kerasbn.BatchNorm or "
             f"keras.layers.BatchNormalization) in model {model.name!r}."
         )
-    result = _statistics.run(model, found, data, steps, batch_size, keep=True)
+    result = _statistics.run(model, found, data, steps, batch_size, True, compiled)
     if not result.batches:
         raise ValueError("`data` gave no batch; diagnose needs at least one.")
     training_steps = _optimizer_steps(model)
@@ -1133,7 +1137,7 @@ def diagnose(
         for (path, layer), record in zip(found, result.statistics)
         if record is not None
     )
-    comparison = _compare(model, result)
+    comparison = _compare(model, result, compiled)
     return Diagnosis(
         layers=layers,
         model=comparison,
@@ -1209,6 +1213,10 @@ class BNMonitor(keras.callbacks.Callback):
         self.diagnosis: Diagnosis | None = None
         self._keys: list[str] = []
         self._warned: set[str] = set()
+        self._compiled = None  # the model's compiled functions, for this fit
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._compiled = None  # a new fit: the model may have changed
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is None:

@@ -17,6 +17,7 @@ MODULES = [
     f"kerasbn.backends.{BACKEND}",
     "kerasbn.fold",
     "kerasbn.recalibrate",
+    "kerasbn.diagnose",
     "kerasbn.convert",
     "kerasbn.torch_interop",
     "kerasbn.legacy",

@@ -138,6 +138,24 @@ def gather_workers(array, variable=None):
     return module.gather_workers(array, variable)
 
 
+def jit(function):
+    """``function`` compiled by the backend, where that serves the tools' passes.
+
+    JAX: ``jax.jit`` in one process (op-by-op JAX compiles every op of a
+    model at its first call, many times slower than compiling the model
+    once); with several ``jax.distributed`` processes, each running on its
+    own data, ``function`` itself. TensorFlow and PyTorch: ``function``
+    itself, run eagerly (their eager ops need no compiling).
+
+    Example:
+        >>> int(jit(abs)(-2))
+        2
+    """
+    module = current()
+    compile_function = getattr(module, "jit", None)
+    return function if compile_function is None else compile_function(function)
+
+
 def replicas_in_sync() -> int:
     """The replicas that Keras divides a loss by in the current scope.
 
