@@ -338,8 +338,9 @@ class PassResult:
 
 class Compiled:
     """The functions that one model's passes run, compiled where the backend
-    compiles (:func:`kerasbn.backends.jit`: ``jax.jit`` on JAX, eager
-    elsewhere), kept for later passes over the same model.
+    compiles (:func:`kerasbn.backends.jit`: ``jax.jit`` on JAX,
+    ``tf.function`` on TensorFlow, eager on PyTorch), kept for later passes
+    over the same model.
 
     A compiled function is traced from the model as it is at its first call
     (as Keras's own ``predict_function`` is): keep one only while the model's
@@ -352,31 +353,26 @@ class Compiled:
         self.recorders: list = []
         self._functions: dict = {}
 
+    def function(self, name: str, make):
+        """The compiled ``make()``, made at the first request of ``name``."""
+        if name not in self._functions:
+            self._functions[name] = backends.jit(make())
+        return self._functions[name]
+
     def recording_step(self):
         """``(trainable, non_trainable, x) -> [each recorder's tensors]``: one
         call of the model in recording mode, a ``stateless_call`` (the BN
         layers' training-mode calls assign nothing)."""
-        if "record" not in self._functions:
-            model, inference = self.model, inference_arguments(self.model)
+        model, inference = self.model, inference_arguments(self.model)
 
+        def make():
             def step(trainable, non_trainable, x):
                 model.stateless_call(trainable, non_trainable, x, **inference)
                 return [recorder.pop() for recorder in self.recorders]
 
-            self._functions["record"] = backends.jit(step)
-        return self._functions["record"]
+            return step
 
-    def inference(self):
-        """``(trainable, non_trainable, x) -> outputs`` at inference, a
-        ``stateless_call``: one function for any values of the statistics."""
-        if "infer" not in self._functions:
-            model, inference = self.model, inference_arguments(self.model)
-
-            def call(trainable, non_trainable, x):
-                return model.stateless_call(trainable, non_trainable, x, **inference)[0]
-
-            self._functions["infer"] = backends.jit(call)
-        return self._functions["infer"]
+        return self.function("record", make)
 
 
 def run(

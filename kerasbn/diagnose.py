@@ -571,16 +571,9 @@ def _compare(
 ) -> ModelComparison:
     """Both inference passes over the kept batches, merged over workers.
 
-    Both run one inference function (``compiled.inference()``), with the
-    model's own non-trainable values and with the population statistics in
-    place of the moving ones.
-
-    The loss and the compiled metrics are computed in ``keras.StatelessScope``
-    s on states held here: the model's metric variables are neither read nor
-    written per batch (under ``tf.distribute`` each access of one is a
-    collective, which workers with different numbers of batches could not
-    pair). Only where they are first built (one real update on the first
-    batch, on every worker) are they touched, and then reset.
+    Both run one function (:func:`_scoring`), compiled where the backend
+    compiles, with the model's own non-trainable values and with the
+    population statistics in place of the moving ones.
     """
     kept = result.kept
     labeled = bool(getattr(model, "compiled", False)) and all(
@@ -588,32 +581,59 @@ def _compare(
     )
     with_loss = labeled and getattr(model, "loss", None) is not None
     metrics = _Metrics(model, kept[0], with_loss) if labeled else None
-    sums = dict.fromkeys(_SUMS, 0.0)
-    states = {}
-    moving = []
-    infer = compiled.inference()
+    score = compiled.function("score", lambda: _scoring(model, metrics))
     trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-    state = metrics.initial() if metrics else None
-    for batch in kept:
-        y_pred = infer(trainable, non_trainable, batch.x)
-        moving.append([_numpy(t) for t in keras.tree.flatten(y_pred)])
-        if metrics:
-            state, loss = metrics.update(state, batch, y_pred)
-            sums["loss_moving"] += loss
-    states["moving"] = state
-    state = metrics.initial() if metrics else None
-    population = _population_values(model, result)
-    for batch, before in zip(kept, moving):
-        y_pred = infer(trainable, population, batch.x)
-        after = [_numpy(t) for t in keras.tree.flatten(y_pred)]
-        _accumulate(sums, before, after, batch.size)
-        if metrics:
-            state, loss = metrics.update(state, batch, y_pred)
-            sums["loss_population"] += loss
-    states["population"] = state
+    ways = {
+        "moving": [v.value for v in model.non_trainable_variables],
+        "population": _population_values(model, result),
+    }
+    sums = dict.fromkeys(_SUMS, 0.0)
+    states, moving = {}, []
+    for way, non_trainable in ways.items():
+        state = metrics.initial() if metrics else None
+        for i, batch in enumerate(kept):
+            y_pred, state, loss = score(
+                trainable, non_trainable, batch.x, batch.y, batch.sample_weight, state
+            )
+            outputs = [_numpy(t) for t in keras.tree.flatten(y_pred)]
+            if way == "moving":
+                moving.append(outputs)
+            else:
+                _accumulate(sums, moving[i], outputs, batch.size)
+            if metrics and with_loss:
+                # (in a tf.distribute scope Keras divides the loss by the replicas)
+                replicas = backends.replicas_in_sync()
+                sums[f"loss_{way}"] += batch.size * replicas * float(_numpy(loss))
+        states[way] = state
     variable = result.found[0][1].moving_mean  # locates a tf.distribute strategy
     return _merge_comparison(sums, states, metrics, variable)
+
+
+def _scoring(model, metrics):
+    """``(trainable, non_trainable, x, y, sample_weight, metric_state) ->
+    (outputs, new metric_state, loss)``: the model at inference, a
+    ``stateless_call``, and, for a compiled model with labels, its loss and
+    compiled metrics (None without).
+
+    The loss and metrics run in a ``keras.StatelessScope`` on states held
+    outside the model: its metric variables are neither read nor written
+    (under ``tf.distribute`` each access of one is a collective, which workers
+    with different numbers of batches could not pair).
+    """
+    inference = _statistics.inference_arguments(model)
+
+    def score(trainable, non_trainable, x, y, sample_weight, state):
+        y_pred, _ = model.stateless_call(trainable, non_trainable, x, **inference)
+        if metrics is None:
+            return y_pred, None, None
+        mapping = list(zip(metrics.variables, state))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            loss = metrics.score(x, y, y_pred, sample_weight)
+        new = [scope.get_current_value(v) for v in metrics.variables]
+        state = [old if value is None else value for old, value in zip(state, new)]
+        return y_pred, state, loss
+
+    return score
 
 
 class _Metrics:
@@ -622,7 +642,7 @@ class _Metrics:
     Args:
         model: a compiled model.
         first: the first batch; where the metrics are not built yet, one real
-            update on it builds them, and they are reset.
+            update on it builds them (on every worker), and they are reset.
         with_loss: whether the model has a compiled loss.
     """
 
@@ -631,7 +651,7 @@ class _Metrics:
         self.with_loss = with_loss
         if not all(getattr(m, "built", True) for m in model.metrics):
             y_pred = model(first.x, training=False)
-            self._score(first, y_pred)
+            self.score(first.x, first.y, y_pred, first.sample_weight)
             model.reset_metrics()
         self.variables = [v for m in model.metrics for v in m.variables]
 
@@ -641,25 +661,15 @@ class _Metrics:
             value for m in self.model.metrics for value in m.stateless_reset_state()
         ]
 
-    def update(self, state: list, batch, y_pred) -> tuple[list, float]:
-        """``state`` updated with one batch; and the batch's loss times its size
-        (``evaluate`` weights each batch's loss by its size)."""
-        mapping = list(zip(self.variables, state))
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            loss = self._score(batch, y_pred)
-        new = [scope.get_current_value(v) for v in self.variables]
-        state = [old if value is None else value for old, value in zip(state, new)]
-        return state, batch.size * loss
-
-    def _score(self, batch, y_pred) -> float:
-        model, loss = self.model, 0.0
+    def score(self, x, y, y_pred, sample_weight):
+        """Updates the metrics with one batch; returns its loss (0 without)."""
+        model = self.model
+        loss = ops.zeros(())
         if self.with_loss:
-            value = model.compute_loss(
-                x=batch.x, y=batch.y, y_pred=y_pred, sample_weight=batch.sample_weight
+            loss = model.compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight
             )
-            # (in a tf.distribute scope Keras divides it by the replicas)
-            loss = float(_numpy(value)) * backends.replicas_in_sync()
-        model.compute_metrics(batch.x, batch.y, y_pred, batch.sample_weight)
+        model.compute_metrics(x, y, y_pred, sample_weight)
         return loss
 
     def results(self, state: list, loss: float | None) -> dict:
