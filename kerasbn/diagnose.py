@@ -978,8 +978,8 @@ def _number(value, digits: int = 3) -> str:
 def _table(diagnosis: Diagnosis) -> str:
     """The compact terminal table of :meth:`Diagnosis.__str__`."""
     header = (
-        "layer", "mode", "momentum", "init share", "mean shift max/med",
-        "log var max/med", "eff/nominal batch", "dead", "verdict",
+        "layer", "mode", "mom.", "init", "shift max/med", "logvar max/med",
+        "eff/nominal batch", "dead", "verdict",
     )  # fmt: skip
     rows = []
     for layer in diagnosis.ranked:
@@ -1009,12 +1009,15 @@ def _table(diagnosis: Diagnosis) -> str:
             if diagnosis.training_steps is not None
             else ""
         ),
-        line(h.ljust(w) for h, w in zip(header, widths)),
+        line(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
     ]
-    lines += [line(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines += [line(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    fixes: dict[str, list[str]] = {}
     for layer in diagnosis.flagged:
         lines.append(f"  {layer.path}: {layer.verdict}: {layer.reason}")
-        lines.append(f"    fix: {layer.action}")
+        fixes.setdefault(layer.action, []).append(layer.path)
+    for action, paths in fixes.items():
+        lines.append(f"  fix ({', '.join(paths)}): {action}")
     if diagnosis.unreached:
         lines.append(f"  not reached by the model's call: {list(diagnosis.unreached)}")
     lines += _model_lines(diagnosis.model)
