@@ -190,6 +190,16 @@ class LayerDiagnosis:
         verdict: the most severe finding, or ``"ok"``.
         reason: the numbers behind the verdict, in words.
         action: what fixes it, naming the kerasbn call.
+
+    Example:
+        >>> import keras, numpy as np, kerasbn
+        >>> model = keras.Sequential(
+        ...     [keras.Input((2,)), kerasbn.BatchNorm(name="bn")], name="net"
+        ... )
+        >>> x = np.resize(np.float32([[3.0, 3.0], [-3.0, -3.0]]), (64, 2))
+        >>> layer = kerasbn.diagnose(model, x)["net/bn"]  # mean 0, variance 9
+        >>> layer.verdict, float(layer.max_mean_shift), float(layer.log_variance_ratio[0])
+        ('stale statistics', 0.0, -2.196...)
     """
 
     path: str
@@ -543,6 +553,15 @@ class ModelComparison:
         metrics_moving, metrics_population: the compiled loss and metrics
             each way, where the data has labels and the model is compiled;
             else None.
+
+    Example:
+        >>> import keras, numpy as np, kerasbn
+        >>> model = keras.Sequential([keras.Input((2,)), kerasbn.BatchNorm()])
+        >>> model.compile(loss="mse")
+        >>> x = np.full((8, 2), 3.0, "float32") + np.arange(8.0)[:, None]
+        >>> comparison = kerasbn.diagnose(model, (x, x)).model
+        >>> comparison.samples, sorted(comparison.metrics_population)
+        (8, ['loss'])
     """
 
     samples: int
@@ -583,8 +602,8 @@ def _compare(
     metrics = _Metrics(model, kept[0], with_loss) if labeled else None
     score = compiled.function("score", lambda: _scoring(model, metrics))
     trainable = [v.value for v in model.trainable_variables]
-    ways = {
-        "moving": [v.value for v in model.non_trainable_variables],
+    ways = {  # (tensors both ways: one trace serves both)
+        "moving": [ops.copy(v.value) for v in model.non_trainable_variables],
         "population": _population_values(model, result),
     }
     sums = dict.fromkeys(_SUMS, 0.0)
@@ -700,7 +719,9 @@ def _population_values(model, result: _statistics.PassResult) -> list:
         mean, variance = _population_or_moving(layer, record.population)
         for variable, value in _statistics.moving_values(layer, mean, variance):
             replacement[id(variable)] = ops.convert_to_tensor(value)
-    return [replacement.get(id(v), v.value) for v in model.non_trainable_variables]
+    return [
+        replacement.get(id(v), ops.copy(v.value)) for v in model.non_trainable_variables
+    ]
 
 
 def _population_or_moving(layer, moments) -> tuple[np.ndarray, np.ndarray]:
@@ -804,6 +825,18 @@ class Diagnosis:
         batches: its batches (over every worker).
         training_steps: the optimizer's iterations, or None.
         unreached: the paths of BN layers the model's call never reached.
+
+    Example:
+        >>> import json, keras, numpy as np, kerasbn
+        >>> model = keras.Sequential(
+        ...     [keras.Input((2,)), kerasbn.BatchNorm(name="bn")], name="net"
+        ... )
+        >>> x = np.random.default_rng(0).normal(5.0, 1.0, (64, 2)).astype("float32")
+        >>> diagnosis = kerasbn.diagnose(model, x)
+        >>> [layer.path for layer in diagnosis.flagged]
+        ['net/bn']
+        >>> json.loads(json.dumps(diagnosis.to_dict()))["samples"]
+        64
     """
 
     layers: tuple[LayerDiagnosis, ...]

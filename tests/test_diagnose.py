@@ -252,8 +252,18 @@ def test_report_is_json_ready_and_its_table_lists_worst_first(cnn_case, tmp_path
     text = str(diagnosis)
     rows = [line for line in text.splitlines() if line.startswith("cnn/")]
     assert [row.split()[0] for row in rows] == [x.path for x in diagnosis.ranked]
-    worst, other = diagnosis.ranked
-    assert (diagnosis.ranked != diagnosis.layers) or worst.gap >= other.gap
+    # Worst first: by verdict severity, then by the larger gap in threshold units.
+    severity = ["non-finite", "frozen on other data", "stale statistics"]
+    severity += ["small effective batch", "dead channels", "ok"]
+
+    def badness(layer):
+        gap = max(
+            np.abs(layer.mean_shift).max() / 0.5,
+            np.abs(layer.log_variance_ratio).max() / math.log(2),
+        )
+        return (severity.index(layer.verdict), -gap)
+
+    assert diagnosis.ranked == sorted(diagnosis.layers, key=badness)
     assert "recalibrate would take" in text and "accuracy" in text
     summary = diagnosis.summary()
     assert summary["bn_max_mean_shift"] == max(
@@ -298,6 +308,20 @@ def test_effective_batch_size_has_its_closed_form(maps, expected):
     # expectation per channel; the median of 8 channels closer still.
     assert layer.median_effective_batch == pytest.approx(expected, rel=0.25)
     assert ("small effective batch" in layer.findings) == (expected < 8)
+
+
+def test_ghost_batches_count_the_group_that_training_normalizes():
+    # Independent values in batches of 16 split into ghost groups of 4: the
+    # normalizing group holds 4 values per channel, worth 4.
+    rng = np.random.default_rng(4)
+    x = rng.normal(1.0, 2.0, (1600, 6)).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((6,)), kerasbn.BatchNorm(virtual_batch_size=4)]
+    )
+    layer = kerasbn.diagnose(model, x, batch_size=16).layers[0]
+    np.testing.assert_array_equal(layer.nominal_batch, 4.0)
+    assert layer.median_effective_batch == pytest.approx(4.0, rel=0.25)
+    assert "small effective batch" in layer.findings
 
 
 # --------------------------------------------------------- injected faults

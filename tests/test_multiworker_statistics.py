@@ -256,8 +256,11 @@ def test_workers_end_bit_identical_and_equal_to_one_process(engine, tmp_path):
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="tf.distribute.MirroredStrategy"
 )
-def test_mirrored_strategy_every_replica_gets_the_one_process_statistics():
+@pytest.mark.parametrize("where", ["diagnose in scope", "recalibrate in scope"])
+def test_mirrored_strategy_every_replica_gets_the_one_process_statistics(where):
     import tensorflow as tf
+
+    import kerasbn
 
     x, y = make_data()
     expected = run_tools(build_model(), (x, y), x)
@@ -265,7 +268,15 @@ def test_mirrored_strategy_every_replica_gets_the_one_process_statistics():
     strategy = tf.distribute.MirroredStrategy(devices)
     with strategy.scope():
         model = build_model()
-    results = run_tools(model, (x, y), x)
+    if where == "diagnose in scope":
+        results = run_tools(model, (x, y), x, scope=strategy.scope)
+        assert_same_diagnosis(
+            json.loads(str(results["diagnosis"])),
+            json.loads(str(expected["diagnosis"])),
+        )
+    else:
+        with strategy.scope():
+            kerasbn.recalibrate(model, x, batch_size=BATCH)
     for name in BN_NAMES:
         layer = model.get_layer(name)
         for stat in ("moving_mean", "moving_variance"):
@@ -273,9 +284,6 @@ def test_mirrored_strategy_every_replica_gets_the_one_process_statistics():
             assert len(copies) == 2
             for copy in copies:
                 np.testing.assert_array_equal(copy.numpy(), expected[f"{name}/{stat}"])
-    assert_same_diagnosis(
-        json.loads(str(results["diagnosis"])), json.loads(str(expected["diagnosis"]))
-    )
 
 
 # A DataParallel over 2 CPU devices of one process: JAX needs the device
