@@ -17,11 +17,12 @@ number of batches and the largest batch. All of it merges exactly, so
 each worker passes its own data, then the per-worker records are all-gathered
 (:func:`kerasbn.backends.gather_workers`) and merged in rank order.
 
-The model is left as it was, bit for bit, also when the pass raises: the
-recording is a per-object wrapper of each BN layer's ``call`` (no class or
-module is patched), installed by :func:`recording`, a context manager that
-removes it and restores every BN layer's weights and ``trainable`` flags in
-its ``finally``.
+The model runs by ``stateless_call``, so the BN layers' training-mode calls
+assign nothing, compiled where the backend compiles (:class:`Compiled`). It is
+left as it was, bit for bit, also when the pass raises: the recording is a
+per-object wrapper of each BN layer's ``call`` (no class or module is
+patched), installed by :func:`recording`, a context manager that removes it
+and restores every BN layer's ``trainable`` flags in its ``finally``.
 """
 
 from __future__ import annotations
@@ -283,13 +284,13 @@ def recording(layers: list):
     Inside, each layer is trainable (a frozen BN would not use batch
     statistics) and its ``call`` is wrapped by a :class:`_Recorder`, on the
     object itself. On leaving, also by an exception, the wrappers are removed
-    and every layer gets back its weights (the training-mode calls moved the
-    moving statistics) and its ``trainable`` flags, bit for bit.
+    and every layer gets back its ``trainable`` flags (the layer's and each
+    weight's). The weights are not touched: the pass runs the model by
+    ``stateless_call``.
 
     Yields:
         The recorders, one per layer, in order.
     """
-    saved_weights = [layer.get_weights() if layer.built else [] for layer in layers]
     saved_flags = [_trainable_flags(layer) for layer in layers]
     recorders = []
     try:
@@ -300,9 +301,7 @@ def recording(layers: list):
     finally:
         for recorder in recorders:
             recorder.remove()
-        for layer, weights, flags in zip(layers, saved_weights, saved_flags):
-            if weights:
-                layer.set_weights(weights)
+        for layer, flags in zip(layers, saved_flags):
             _restore_trainable_flags(layer, flags)
 
 

@@ -30,9 +30,11 @@ Every BN layer of the model's tree is reached (:func:`kerasbn._graph.walk`):
 graph nodes, and BN layers held by custom layers and subclassed models. For
 the pass, each BN layer's ``call`` is wrapped, on that object, by a recorder
 that keeps the moments of its inputs and calls the layer with
-``training=True``; the model itself is called eagerly with
-``training=False``. The wrappers are removed afterwards, and every BN layer
-gets back its weights and ``trainable`` flags, also when the pass raises.
+``training=True``; the model itself runs with ``training=False``, by
+``stateless_call`` (nothing is assigned during the pass), compiled on JAX
+(``jax.jit``) and TensorFlow (``tf.function``). The wrappers are removed
+afterwards and every BN layer gets back its ``trainable`` flags, also when the
+pass raises; only then are the new statistics assigned, all at once.
 """
 
 from __future__ import annotations
