@@ -494,6 +494,7 @@ def test_model_is_restored_when_the_data_raises_midway(rng):
 
 
 # ----------------------------------------------------------- keras models
+@pytest.mark.applications
 def test_mobilenet_v3_small_every_bn_is_diagnosed():
     keras.utils.set_random_seed(0)
     model = keras.applications.MobileNetV3Small(

@@ -18,6 +18,7 @@ MODULES = [
     "kerasbn.fold",
     "kerasbn.recalibrate",
     "kerasbn.diagnose",
+    "kerasbn._comparison",
     "kerasbn.convert",
     "kerasbn.torch_interop",
     "kerasbn.legacy",
