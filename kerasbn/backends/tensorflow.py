@@ -58,6 +58,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -79,6 +80,8 @@ FAR_MEAN = 100.0  # spreads from zero beyond which the fused kernel is shifted
 NOMINAL_DIM = 32  # stands for an unknown dimension when sizing a tensor
 VECTOR_WIDTH = 16  # float32 lanes of a 512-bit vector
 WIDEN_MIN_ELEMENTS = 1 << 15  # below this, widening costs more ops than it saves
+
+EAGER_CALLS = 8  # calls of a tool's pass function run eagerly before tracing it
 
 _EMPTY = ()
 
@@ -753,11 +756,24 @@ def replicas_in_sync() -> int:
 
 
 def jit(function):
-    """``function`` as a ``tf.function`` with relaxed shapes (one trace serves
-    every batch size), for the tools' passes.
+    """``function`` for the tools' passes: eager for its first
+    ``EAGER_CALLS`` calls, then a ``tf.function`` with relaxed shapes (one
+    trace serves every batch size).
+
+    Tracing a model costs about as much as 7 to 10 eager calls of it (the
+    lecture CNN: 0.31 s against 37 ms eager and 6.5 ms traced; MobileNetV3Small:
+    1.6 s against 233 ms and 20 ms, batches of 32 on a 2-core CPU), so a pass
+    of a few batches runs eagerly and a long one pays the trace once.
 
     Example:
-        >>> int(jit(lambda x: x + 1)(tf.constant(1)))
-        2
+        >>> increment = jit(lambda x: x + 1)
+        >>> [int(increment(tf.constant(i))) for i in range(10)][-1]
+        10
     """
-    return tf.function(function, reduce_retracing=True)
+    compiled = tf.function(function, reduce_retracing=True)
+    calls = itertools.count()
+
+    def call(*args):
+        return (function if next(calls) < EAGER_CALLS else compiled)(*args)
+
+    return call
