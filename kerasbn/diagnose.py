@@ -61,6 +61,7 @@ from keras import ops
 
 from kerasbn import _graph, _statistics
 from kerasbn._comparison import ModelComparison, compare, json_ready
+from kerasbn.layer import BatchNorm
 
 __all__ = [
     "BNMonitor",
@@ -318,10 +319,11 @@ class LayerDiagnosis:
 
 
 def _largest(values: np.ndarray) -> float:
+    """The largest magnitude, over the channels that have one (NaN if none:
+    a channel the data never reached, or a NaN statistic, is left out)."""
     magnitude = np.abs(values)
-    if np.isnan(magnitude).any():
-        return math.nan
-    return float(magnitude.max()) if magnitude.size else 0.0
+    magnitude = magnitude[~np.isnan(magnitude)]
+    return float(magnitude.max()) if magnitude.size else math.nan
 
 
 def _median(values: np.ndarray) -> float:
@@ -344,7 +346,7 @@ def _mode(layer) -> str:
 
 def _class_name(layer) -> str:
     for name, cls in (
-        ("kerasbn.BatchNorm", _graph.BATCH_NORMS[0]),
+        ("kerasbn.BatchNorm", BatchNorm),
         ("keras.layers.BatchNormalization", keras.layers.BatchNormalization),
     ):
         if type(layer) is cls:

@@ -253,7 +253,7 @@ def test_diagnose_finds_the_stale_layers_and_recalibrate_fixes_them(
 ):
     out = run_example(
         "diagnose.py",
-        *("--steps", "60", "--limit", "500", "--out", str(tmp_path / "d.png")),
+        *("--steps", "60", "--limit", "256", "--out", str(tmp_path / "d.png")),
         cwd=tmp_path,
     )
     assert_png(tmp_path / "d.png")
