@@ -32,7 +32,7 @@ the pass, each BN layer's ``call`` is wrapped, on that object, by a recorder
 that keeps the moments of its inputs and calls the layer with
 ``training=True``; the model itself runs with ``training=False``, by
 ``stateless_call`` (nothing is assigned during the pass), compiled on JAX
-(``jax.jit``) and TensorFlow (``tf.function``). The wrappers are removed
+(``jax.jit``) and, past its first batches, on TensorFlow (``tf.function``). The wrappers are removed
 afterwards and every BN layer gets back its ``trainable`` flags, also when the
 pass raises; only then are the new statistics assigned, all at once.
 """
