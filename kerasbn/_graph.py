@@ -23,61 +23,46 @@ output only a given BN consumes.
 
 from __future__ import annotations
 
-import copy
-import sys
-import threading
-import types
 from collections.abc import Callable, Iterator
 
 import keras
 
-# Keras internals that a true copy must know: the graph map of functional
-# models, the base class of what Keras pickles, and the tracked containers.
-from keras.src.ops import function as keras_function
-from keras.src.saving import keras_saveable, serialization_lib
-from keras.src.trainers import trainer
-from keras.src.utils import backend_utils, tracking
-
+from kerasbn import _keras_internals as internals
+from kerasbn._copier import Copier, CopyError
 from kerasbn.layer import BatchNorm
+
+__all__ = [
+    "BATCH_NORMS",
+    "Graphs",
+    "add_weight_in_place",
+    "batch_norms",
+    "build_like",
+    "check_model",
+    "compile_like",
+    "copy_model",
+    "forget_compiled_functions",
+    "fresh_optimizer",
+    "is_plain_graph",
+    "keep_one_node_per_call",
+    "models",
+    "transplant",
+    "walk",
+    "without",
+]
 
 BATCH_NORMS = (BatchNorm, keras.layers.BatchNormalization)
 
-# What makes a Keras layer the object it is, rather than what its class adds:
-# tracking, graph nodes, identity and name scope, the build wrappers. A
-# transplant keeps these and takes everything else from the new class's layer.
-_IDENTITY = frozenset(
-    {
-        "_tracker",
-        "_layers",
-        "_trainable_variables",
-        "_non_trainable_variables",
-        "_seed_generators",
-        "_metrics",
-        "_losses",
-        "_loss_ids",
-        "_losses_override",
-        "_inbound_nodes",
-        "_outbound_nodes",
-        "name",
-        "_path",
-        "_parent_path",
-        "_build_shapes_dict",
-        "built",
-        "_called",
-        "_lock",
-        "build",
-        "quantize",
-    }
-)
 
-
-def check_model(model, function: str) -> None:
-    """Raises a clear error unless ``model`` is a ``keras.Model``."""
+def check_model(model, function: str, *needs: str) -> None:
+    """Raises a clear error unless ``model`` is a ``keras.Model`` and this
+    Keras has the internals that ``needs`` name (see
+    :func:`kerasbn._keras_internals.require`)."""
     if not isinstance(model, keras.Model):
         raise ValueError(
             f"`{function}` needs a keras.Model (functional, Sequential or "
             f"subclassed); got {type(model).__name__} {getattr(model, 'name', model)!r}."
         )
+    internals.require(function, model, *needs)
 
 
 def walk(root) -> list[tuple[str, keras.layers.Layer]]:
@@ -85,20 +70,20 @@ def walk(root) -> list[tuple[str, keras.layers.Layer]]:
 
     The path joins the layers' names from ``root`` down, as Keras's weight
     paths do (``"model/block_1/bn"``). A layer held in several places (a
-    shared layer) is listed once, at its first path.
+    shared layer) is listed once, at its first path. The tree is walked with
+    a stack of its own, so a deep tree needs no deep recursion.
     """
     found: list[tuple[str, keras.layers.Layer]] = []
     seen: set[int] = set()
-
-    def visit(path: str, layer) -> None:
+    stack = [(root.name, root)]
+    while stack:
+        path, layer = stack.pop()
         if id(layer) in seen:
-            return
+            continue
         seen.add(id(layer))
         found.append((path, layer))
-        for child in layer._layers:  # Keras's own record of every sub-layer
-            visit(f"{path}/{child.name}", child)
-
-    visit(root.name, root)
+        children = internals.sublayers(layer)  # Keras's record of every sub-layer
+        stack.extend((f"{path}/{child.name}", child) for child in reversed(children))
     return found
 
 
@@ -116,187 +101,93 @@ def models(root) -> Iterator[keras.Model]:
 
 
 def copy_model(model: keras.Model, function: str) -> keras.Model:
-    """A true copy of ``model``: every object of its tree deep-copied.
+    """A true copy of ``model``: every object of its tree copied.
 
     Keras pickles (and so deep-copies) a model by saving and loading it,
     which gives unnamed layers new names and so new weight paths, and needs
     every class registered. Here every layer and model is copied as a plain
-    Python object instead, attribute by attribute: the copy has the model's
+    Python object instead, attribute by attribute
+    (:class:`kerasbn._copier.Copier` with Keras's rules from
+    :func:`kerasbn._keras_internals.copy_rule`): the copy has the model's
     class, config and attributes, every layer (those off the output path
     too), the same layer names and weight paths, the state of lazily built
-    layers, and new variables with the same values. A compiled model's copy
-    is compiled from its compile config, with a new optimizer (an optimizer
-    keys its slots by the variables' ids); compiled train/test/predict
-    functions are not copied, and the next call compiles them anew.
+    layers and of metrics, and new variables with the same values. Per-call
+    state (the losses of the last call) is not copied, nor are compiled
+    train/test/predict functions: the next call compiles them anew. Each
+    layer keeps only the graph nodes of the copy's own graphs.
+
+    A compiled model's copy is compiled with copies of the objects its
+    ``compile`` was given (losses and metrics of any kind, registered or not,
+    functions or objects) and a new optimizer of the same class and config;
+    the compile config is never serialized. Nothing outside the copy changes
+    while it is made: no class, no ``copy`` module table, no recursion limit.
 
     Raises:
         ValueError: if ``model`` cannot be copied; the message names
-            ``function`` and the way to change the model in place instead.
+            ``function``, the path of the object that failed, and the way to
+            change the model in place instead.
     """
-    copiers = {
-        keras_saveable.KerasSaveable: _new_like,  # optimizers, losses, metrics
-        keras.layers.Layer: _copy_layer,
-        tracking.Tracker: _copy_tracker,
-        **{
-            cls: _copy_container
-            for cls in (
-                tracking.TrackedList,
-                tracking.TrackedDict,
-                tracking.TrackedOrderedDict,
-                tracking.TrackedSet,
-            )
-        },
-    }
-    for cls, copier in copiers.items():
-        cls.__deepcopy__ = copier
-    # Shared, not copied: modules, and Keras's backend selector (stateless,
-    # and its __getattr__ recurses on an object made without __init__).
-    for kind in _SHARED:
-        copy._deepcopy_dispatch[kind] = _shared
-    # Compiled functions are not copied. They are set aside on the original
-    # for the copy (as Keras does to save a TensorFlow SavedModel): on
-    # TensorFlow the model's checkpoint dependencies also name them.
-    compiled = [
-        (m, name, getattr(m, name))
-        for m in models(model)
-        for name in _COMPILED
-        if getattr(m, name, None) is not None
-    ]
-    records = [_set_aside_dependencies(m) for m in models(model)]
+    copier = Copier(internals.copy_rule, describe=_describe)
+    for optimizer in _optimizers(model):  # compiled anew (slots are keyed by id)
+        copier.remember(optimizer, None)
     try:
-        for m, name, _ in compiled:
-            setattr(m, name, None)
-        duplicate = _deep_stack_call(copy.deepcopy, model)
-    except Exception as error:
+        duplicate = copier.copy(model, f"{type(model).__name__} {model.name!r}")
+        keep_one_node_per_call(duplicate)  # and new node keys (they hold ids)
+        for _, layer in walk(duplicate):
+            internals.rekey_torch_parameters(layer)
+        for original, new in zip(models(model), models(duplicate)):
+            compile_like(new, original, copier)
+    except CopyError as error:
         raise ValueError(
-            f"`{function}` works on a copy of the model, and copying "
-            f"{type(model).__name__} {model.name!r} failed: {error}. Pass "
+            f"`{function}` works on a copy of the model, and {error}. Pass "
             "in_place=True to change the model itself."
         ) from error
-    finally:
-        for cls in copiers:
-            del cls.__deepcopy__
-        for kind in _SHARED:
-            del copy._deepcopy_dispatch[kind]
-        for m, name, function in compiled:
-            setattr(m, name, function)
-        for restore in records:
-            restore()
-    for graph in _graphs(duplicate):  # their node keys hold the objects' ids
-        nodes = keras_function.map_graph(graph._inputs, graph._outputs)[0]
-        object.__setattr__(graph, "_nodes", nodes)
-    for original, new in zip(models(model), models(duplicate)):
-        compile_like(new, original)  # an optimizer keys its slots by id
     return duplicate
 
 
-# Attributes of a layer that are not copied: the wrappers that Keras makes
-# for each new layer object (the copy has its own). Compiled functions are
-# set aside while a model is copied.
-_NOT_COPIED = ("build", "quantize")
-_COMPILED = ("train_function", "test_function", "predict_function")
+def _describe(obj) -> str | None:
+    if isinstance(obj, keras.layers.Layer):
+        kind = "model" if isinstance(obj, keras.Model) else "layer"
+        return f"{kind} {getattr(obj, 'name', '?')!r}"
+    return None
 
 
-def _new_like(original, memo: dict, skip: tuple = ()):
-    """A new object of ``original``'s class with deep copies of its attributes."""
-    cls = type(original)
-    duplicate = cls.__new__(cls)  # for a layer, Keras's __new__ makes its wrappers
-    memo[id(original)] = duplicate
-    for key, value in vars(original).items():
-        if key in skip:
+def _optimizers(root) -> list:
+    """The optimizers of the compiled models of ``root``'s tree (a loss-scale
+    optimizer's inner one too), as ``compile`` received and made them."""
+    found = []
+    for model in models(root):
+        if not getattr(model, "compiled", False):
             continue
-        if "strategy" not in key:  # a distribution strategy is shared
-            value = copy.deepcopy(value, memo)
-        object.__setattr__(duplicate, key, value)
-    return duplicate
+        candidates = [getattr(model, "optimizer", None)]
+        candidates.append(internals.compile_arguments(model).get("optimizer"))
+        while candidates:
+            optimizer = candidates.pop()
+            if isinstance(optimizer, keras.optimizers.Optimizer):
+                found.append(optimizer)
+                candidates.append(getattr(optimizer, "inner_optimizer", None))
+    return found
 
 
-_SHARED = (types.ModuleType, backend_utils.DynamicBackend)
-
-
-def _set_aside_dependencies(model) -> Callable[[], None]:
-    """Takes the compiled functions out of a TensorFlow model's checkpoint
-    dependency records (a tf.function cannot be copied); returns the call
-    that puts them back."""
-    names = getattr(model, "_self_unconditional_dependency_names", None)
-    references = getattr(model, "_self_unconditional_checkpoint_dependencies", None)
-    if names is None or references is None:
-        return lambda: None
-    taken = {name: dict.pop(names, name) for name in _COMPILED if name in names}
-    kept = [ref for ref in references if ref.name not in _COMPILED]
-    everything = list(references)
-    list.clear(references)
-    list.extend(references, kept)
-
-    def restore():
-        dict.update(names, taken)
-        list.clear(references)
-        list.extend(references, everything)
-
-    return restore
-
-
-def _deep_stack_call(function, *args):
-    """``function(*args)`` in a thread with a large stack and recursion limit.
-
-    A deep copy follows a graph edge by edge (node, tensor, layer, node...),
-    so a deep model (BASNet's hundreds of layers) recurses far deeper than
-    Python's default limit and the main thread's C stack allow.
-    """
-    result, failure = [], []
-
-    def run():
-        try:
-            result.append(function(*args))
-        except BaseException as error:  # re-raised in the calling thread
-            failure.append(error)
-
-    depth, size = sys.getrecursionlimit(), threading.stack_size()
-    sys.setrecursionlimit(max(depth, 200_000))
-    threading.stack_size(1 << 30)
-    try:
-        worker = threading.Thread(target=run)
-        worker.start()
-        worker.join()
-    finally:
-        threading.stack_size(size)
-        sys.setrecursionlimit(depth)
-    if failure:
-        raise failure[0]
-    return result[0]
-
-
-def _shared(value, memo: dict):
-    return value
-
-
-def _copy_layer(layer, memo: dict):
-    return _new_like(layer, memo, skip=_NOT_COPIED)
-
-
-def _copy_tracker(tracker, memo: dict):
-    """A tracker's copy, whose record of ids is that of the copied stores."""
-    duplicate = _new_like(tracker, memo)
-    duplicate.stored_ids = {
-        name: {id(value) for value in store}
-        for name, (_, store) in duplicate.config.items()
-    }
-    return duplicate
-
-
-def _copy_container(container, memo: dict):
-    """A tracked list, dict or set copied without tracking its items again
-    (its tracker's stores are copied with the layer)."""
-    duplicate = _new_like(container, memo)
-    base = next(c for c in type(container).__mro__ if c in (list, dict, set))
-    if base is dict:
-        items = {k: copy.deepcopy(v, memo) for k, v in container.items()}
-        dict.update(duplicate, items)
-    else:
-        getattr(base, "update" if base is set else "extend")(
-            duplicate, [copy.deepcopy(v, memo) for v in container]
-        )
-    return duplicate
+def keep_one_node_per_call(root) -> None:
+    """Drops, from every layer and operation of ``root``'s graphs, the graph
+    nodes of graphs that ``root`` no longer runs (those of a graph rebuilt
+    around the same layers, or of the copied original's other graphs), so
+    that each has one node per call, as in a freshly built model. Layers
+    without a node in ``root``'s graphs are left as they are. The graphs'
+    node keys are computed anew (they hold the operations' ids and node
+    indices)."""
+    graphs = _graphs(root)
+    nodes = [node for graph in graphs for node in internals.graph_nodes(graph)]
+    live = {id(node) for node in nodes}
+    operations = {id(node.operation): node.operation for node in nodes}
+    for _, layer in walk(root):
+        operations.setdefault(id(layer), layer)
+    for operation in operations.values():
+        if any(id(node) in live for node in internals.inbound_nodes(operation)):
+            internals.keep_graph_nodes(operation, live)
+    for graph in graphs:
+        internals.refresh_node_keys(graph)
 
 
 def transplant(layer, fresh, keep_variables: bool) -> None:
@@ -315,9 +206,10 @@ def transplant(layer, fresh, keep_variables: bool) -> None:
             values, paths and optimizer slots. False: ``layer``'s variables
             are dropped and ``fresh``'s taken.
     """
-    variables = {k for k, v in vars(fresh).items() if isinstance(v, keras.Variable)}
+    is_variable = internals.VARIABLE_TYPES
+    variables = {k for k, v in vars(fresh).items() if isinstance(v, is_variable)}
     if keep_variables:
-        own = {k for k, v in vars(layer).items() if isinstance(v, keras.Variable)}
+        own = {k for k, v in vars(layer).items() if isinstance(v, is_variable)}
         if own != variables:
             raise ValueError(
                 f"Layer {layer.name!r} holds the variables {sorted(own)}, but a "
@@ -325,21 +217,21 @@ def transplant(layer, fresh, keep_variables: bool) -> None:
             )
     else:
         for key, value in list(vars(layer).items()):
-            if isinstance(value, keras.Variable):
+            if isinstance(value, is_variable):
                 # Keras's own __delattr__ would also run gc.collect(), 0.3 s
                 # a variable in a large process.
-                layer._untrack_variable(value)
+                internals.untrack_variable(layer, value)
                 object.__delattr__(layer, key)
-    for key in [k for k in vars(layer) if k not in _IDENTITY and k not in variables]:
+    identity = internals.IDENTITY_ATTRIBUTES
+    for key in [k for k in vars(layer) if k not in identity and k not in variables]:
         object.__delattr__(layer, key)
     layer.__class__ = type(fresh)
     for key, value in vars(fresh).items():
-        if key in _IDENTITY or (key in variables and keep_variables):
+        if key in identity or (key in variables and keep_variables):
             continue
         if key in variables:
-            layer._tracker.unlock()
-            setattr(layer, key, value)  # Keras tracks the variable
-            layer._tracker.lock()
+            with internals.unlocked_tracker(layer):
+                setattr(layer, key, value)  # Keras tracks the variable
         else:
             object.__setattr__(layer, key, value)
 
@@ -348,19 +240,15 @@ def build_like(fresh, layer):
     """Builds ``fresh`` as ``layer`` was built, its variables under ``layer``'s
     name scope (so their paths are those ``layer``'s would be). Returns ``fresh``."""
     if layer.built:
-        fresh._parent_path = layer._parent_path
+        internals.set_parent_path(fresh, internals.parent_path(layer))
         fresh.build_from_config(layer.get_build_config())
     return fresh
 
 
 def add_weight_in_place(layer, **kwargs) -> keras.Variable:
     """A new weight of an already built ``layer``, at the path it would have had."""
-    layer._tracker.unlock()
-    try:
-        with keras.name_scope(layer.name, caller=layer):
-            return layer.add_weight(**kwargs)
-    finally:
-        layer._tracker.lock()
+    with internals.unlocked_tracker(layer), keras.name_scope(layer.name, caller=layer):
+        return layer.add_weight(**kwargs)
 
 
 def forget_compiled_functions(root) -> None:
@@ -381,12 +269,7 @@ def _first_argument(node):
 def _graphs(root) -> list:
     """The functional graphs of the tree: each functional model's own, and the
     one a built Sequential model runs."""
-    graphs = []
-    for model in models(root):
-        graph = getattr(model, "_functional", None) or model
-        if hasattr(graph, "_nodes_by_depth"):
-            graphs.append(graph)
-    return graphs
+    return [graph for graph in map(internals.graph_of, models(root)) if graph]
 
 
 class Graphs:
@@ -400,10 +283,7 @@ class Graphs:
     def __init__(self, root):
         graphs = _graphs(root)
         self._nodes = {
-            id(node)
-            for graph in graphs
-            for nodes in graph._nodes_by_depth.values()
-            for node in nodes
+            id(node) for graph in graphs for node in internals.graph_nodes(graph)
         }
         # Tensors used beyond the graph's internal edges: its outputs, and
         # tensors a model keeps as attributes (a keras_hub backbone's
@@ -421,7 +301,7 @@ class Graphs:
 
     def calls(self, layer) -> list:
         """The graph nodes that call ``layer``."""
-        return self.nodes_in(layer._inbound_nodes)
+        return self.nodes_in(internals.inbound_nodes(layer))
 
     def called_with(self, layer, argument: str, value) -> bool:
         """Whether a graph calls ``layer`` with the keyword ``argument=value``."""
@@ -448,13 +328,13 @@ class Graphs:
         tensor = _first_argument(calls[0])
         if not isinstance(tensor, keras.KerasTensor) or id(tensor) in self._held:
             return None
-        producer = tensor._keras_history.operation
+        producer = internals.producer(tensor)
         if not isinstance(producer, keras.layers.Layer):
             return None
         produced = self.calls(producer)
         if len(produced) != 1 or len(produced[0].outputs) != 1:
             return None
-        if self.nodes_in(producer._outbound_nodes) != calls:
+        if self.nodes_in(internals.outbound_nodes(producer)) != calls:
             return None
         return producer
 
@@ -482,8 +362,14 @@ def without(model, removed: set[int]) -> keras.Model:
     and every other model, is reused as it is. Compile state is kept.
     """
 
-    def reuse(layer):
-        return without(layer, removed) if is_plain_graph(layer) else layer
+    rebuilt: dict[int, keras.layers.Layer] = {}
+
+    def reuse(layer):  # a nested plain graph is rebuilt once, however often called
+        if id(layer) not in rebuilt:
+            rebuilt[id(layer)] = (
+                without(layer, removed) if is_plain_graph(layer) else layer
+            )
+        return rebuilt[id(layer)]
 
     if not is_plain_graph(model):
         return model
@@ -493,32 +379,60 @@ def without(model, removed: set[int]) -> keras.Model:
             [_input_of(model), *layers], name=model.name, trainable=model.trainable
         )
     else:
-        new_model = keras.models.clone_model(
-            model,
-            input_tensors=keras.tree.map_structure(_new_input(model), model.input),
-            clone_function=reuse,
-            call_function=_skipping(removed),
-        )
+        inputs = keras.tree.map_structure(_new_input(model), model.input)
+        outputs = internals.run_through_graph(model, inputs, reuse, _skipping(removed))
+        new_model = keras.Model(inputs, outputs, name=model.name)
     compile_like(new_model, model)
     return new_model
 
 
-def compile_like(new: keras.Model, original: keras.Model) -> None:
-    """Compiles ``new`` as ``original`` was compiled (a fresh optimizer), if it was.
+def compile_like(new: keras.Model, original: keras.Model, copier=None) -> None:
+    """Compiles ``new`` as ``original`` was compiled, if it was.
 
-    Keras's own ``compile`` is called with the arguments it recorded, as
-    ``compile_from_config`` does. A class that overrides ``compile`` (keras_hub
-    tasks do), which ``compile_from_config`` declines with a warning about
-    model loading, gets the same: what its override set on the model was
-    copied with the model, and the recorded arguments are those its override
-    passed on to Keras's.
+    Keras's own ``compile`` gets copies of the objects that ``original``'s
+    ``compile`` recorded (losses and metrics as functions or objects,
+    registered or not: nothing is serialized) and a new optimizer of the same
+    class and config (:func:`fresh_optimizer`). A class that overrides
+    ``compile`` (keras_hub tasks do) gets the same: what its override set on
+    the model was copied with the model, and the recorded arguments are those
+    its override passed on to Keras's.
+
+    Args:
+        new: the model to compile.
+        original: the model whose compile arguments to copy.
+        copier: the :class:`kerasbn._copier.Copier` that copied ``new`` from
+            ``original`` (so that an argument shared with the model, such as
+            a metric a layer also holds, stays shared); a new one if None.
     """
     if not getattr(original, "compiled", False):
         return
-    config = serialization_lib.deserialize_keras_object(original.get_compile_config())
-    trainer.Trainer.compile(new, **config)
-    if new.built:
+    arguments = internals.compile_arguments(original)
+    arguments.pop("optimizer", None)
+    copier = copier or Copier(internals.copy_rule, describe=_describe)
+    arguments = copier.copy(arguments, "the compile arguments")
+    for metric in keras.tree.flatten(arguments):  # compiled anew: fresh state
+        if isinstance(metric, keras.metrics.Metric):
+            metric.reset_state()
+    optimizer = getattr(original, "optimizer", None)
+    optimizer = None if optimizer is None else fresh_optimizer(optimizer)
+    keras.Model.compile(new, optimizer=optimizer, **arguments)
+    if new.built and new.optimizer is not None:
         new.optimizer.build(new.trainable_variables)
+
+
+def fresh_optimizer(optimizer: keras.optimizers.Optimizer):
+    """A new, unbuilt optimizer of ``optimizer``'s class and config: a copy of
+    its learning-rate schedule (registered or not), and a fresh inner
+    optimizer for a ``LossScaleOptimizer``."""
+    config = optimizer.get_config()
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None and "inner_optimizer" in config:
+        del config["inner_optimizer"]
+        return type(optimizer)(fresh_optimizer(inner), **config)
+    schedule = internals.learning_rate_schedule(optimizer)
+    if schedule is not None:
+        config["learning_rate"] = Copier(internals.copy_rule).copy(schedule)
+    return type(optimizer).from_config(config)
 
 
 def _skipping(removed: set[int]) -> Callable:

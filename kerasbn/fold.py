@@ -9,12 +9,16 @@ layer's kernel (each output channel's filter times its ``scale``) and bias
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import keras
 import numpy as np
 from keras import ops
 
 from kerasbn import _graph
 from kerasbn.layer import BatchNorm
+
+__all__ = ["Absorbed", "ChannelAffine", "FoldReport", "fold_batch_norms"]
 
 _BATCH_NORMS = (BatchNorm, keras.layers.BatchNormalization)
 # Layers whose kernel ends with the output channels; depthwise kernels end with
@@ -186,7 +190,22 @@ def _absorb(producer, bn) -> None:
     )
 
 
-def fold_batch_norms(model: keras.Model, *, in_place: bool = False) -> keras.Model:
+class FoldReport(NamedTuple):
+    """What :func:`fold_batch_norms` did with each BN layer, by path.
+
+    Attributes:
+        absorbed: the BN layers folded into the kernel and bias of the layer
+            before them.
+        affine: the BN layers turned into a :class:`ChannelAffine`.
+    """
+
+    absorbed: list[str]
+    affine: list[str]
+
+
+def fold_batch_norms(
+    model: keras.Model, *, in_place: bool = False, return_report: bool = False
+) -> keras.Model | tuple[keras.Model, FoldReport]:
     """``model`` for inference, with every batch normalization at any depth folded away.
 
     Every BN layer (``kerasbn.BatchNorm`` or ``keras.layers.BatchNormalization``)
@@ -210,40 +229,52 @@ def fold_batch_norms(model: keras.Model, *, in_place: bool = False) -> keras.Mod
     graph, and one inside any other model (a subclass, a keras_hub backbone)
     becomes an :class:`Absorbed` pass-through of the same name, so that the model
     keeps its class and structure. By default a true copy of the model is
-    folded (the original is unchanged); ``in_place=True`` folds ``model``
-    itself. ``fold_batch_norms.last_report`` then lists, by path, the BN
-    layers absorbed into their producer and those turned into an affine.
+    folded (the original is unchanged); ``in_place=True`` folds ``model``'s
+    own layers (a plain Sequential or functional model is then rebuilt
+    around them: use the returned model). With ``return_report=True`` a
+    :class:`FoldReport` comes with the model: the paths of the BN layers
+    absorbed into their producer and of those turned into an affine.
+
+    The folded model is a model like any other: each layer has one graph node
+    per call, so ``keras.Model(folded.inputs, folded.get_layer(name).output)``
+    extracts features from it as from a freshly built model.
 
     Args:
         model: a ``keras.Model`` of any kind, built.
-        in_place: fold ``model`` itself instead of a copy.
+        in_place: fold ``model``'s own layers instead of a copy's.
+        return_report: also return a :class:`FoldReport`.
 
     Returns:
         A model whose ``predict`` equals ``model.predict`` up to float
-        rounding, with no batch-normalization layer or op.
+        rounding, with no batch-normalization layer or op; with
+        ``return_report=True``, the tuple ``(model, report)``.
 
     Raises:
         ValueError: if ``model`` is not a ``keras.Model``, a BN layer is not
             built, or is called with ``training=True`` in the model's graph
             (it would use batch statistics even in ``predict``). Each message
-            names the layers' paths.
+            names the layers' paths. Or (without ``in_place``) an object of
+            the model cannot be copied (its path is in the message).
+        kerasbn._keras_internals.KerasInternalsError: the installed Keras
+            lacks an internal this tool relies on (nothing is changed).
 
     Example:
         >>> import keras, numpy as np, kerasbn
         >>> model = keras.Sequential([keras.Input((8, 8, 3)),
         ...     keras.layers.Conv2D(4, 3, use_bias=False), kerasbn.BatchNorm(name="bn"),
         ...     keras.layers.ReLU()], name="net")
-        >>> folded = kerasbn.fold_batch_norms(model)
+        >>> folded, report = kerasbn.fold_batch_norms(model, return_report=True)
         >>> [type(layer).__name__ for layer in folded.layers]
         ['Conv2D', 'ReLU']
-        >>> kerasbn.fold_batch_norms.last_report
-        {'absorbed': ['net/bn'], 'affine': []}
+        >>> report
+        FoldReport(absorbed=['net/bn'], affine=[])
         >>> x = np.random.default_rng(0).normal(size=(2, 8, 8, 3))
         >>> bool(np.allclose(folded.predict(x, verbose=0),
         ...                  model.predict(x, verbose=0), atol=1e-5))
         True
     """
-    _graph.check_model(model, "fold_batch_norms")
+    needs = ("transplant", "graph") if in_place else ("transplant", "graph", "copy")
+    _graph.check_model(model, "fold_batch_norms", *needs)
     _check_foldable(_graph.batch_norms(model), _graph.Graphs(model))
     target = model if in_place else _graph.copy_model(model, "fold_batch_norms")
     found, graphs = _graph.batch_norms(target), _graph.Graphs(target)
@@ -259,14 +290,12 @@ def fold_batch_norms(model: keras.Model, *, in_place: bool = False) -> keras.Mod
     for _, bn in affine:
         _into_affine(bn)
     _graph.forget_compiled_functions(target)
-    fold_batch_norms.last_report = {
-        "absorbed": [path for path, _, _ in pairs],
-        "affine": [path for path, _ in affine],
-    }
-    return _graph.without(target, absorbed)
-
-
-fold_batch_norms.last_report = {"absorbed": [], "affine": []}
+    folded = _graph.without(target, absorbed)
+    _graph.keep_one_node_per_call(folded)
+    if not return_report:
+        return folded
+    report = FoldReport([path for path, _, _ in pairs], [path for path, _ in affine])
+    return folded, report
 
 
 def _check_foldable(found, graphs) -> None:

@@ -17,6 +17,8 @@ from kerasbn import _graph
 from kerasbn.convert import from_keras
 from kerasbn.layer import BatchNorm
 
+__all__ = ["freeze_batch_norms"]
+
 
 def freeze_batch_norms(model: keras.Model, train_affine: bool = False) -> keras.Model:
     """Freezes the statistics of every BN layer of ``model``, at any depth, in place.
@@ -65,7 +67,9 @@ def freeze_batch_norms(model: keras.Model, train_affine: bool = False) -> keras.
         >>> keras.ops.convert_to_numpy(bn.moving_variance).tolist()  # unchanged
         [1.0, 1.0, 1.0, 1.0]
     """
-    _graph.check_model(model, "freeze_batch_norms")
+    _graph.check_model(
+        model, "freeze_batch_norms", *(("transplant",) if train_affine else ())
+    )
     found = _graph.batch_norms(model)
     keras_bn = keras.layers.BatchNormalization
     if train_affine:

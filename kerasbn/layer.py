@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import keras
 from keras import constraints, initializers, ops, regularizers
 
 from kerasbn import _checks, backends
 from kerasbn import ops as bn_ops
+
+__all__ = ["BatchNorm", "BatchNormalization"]
 
 
 def _average_groups(group_axis, *statistics):
@@ -96,28 +100,28 @@ class BatchNorm(keras.layers.Layer):
 
     def __init__(
         self,
-        axis=-1,
-        momentum=0.99,
-        epsilon=1e-3,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        moving_mean_initializer="zeros",
-        moving_variance_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        renorm=False,
-        renorm_clipping=None,
-        renorm_momentum=0.99,
-        synchronized=False,
-        virtual_batch_size=None,
-        statistics="auto",
-        unbiased_moving_variance=False,
-        **kwargs,
-    ):
+        axis: int | list[int] | tuple[int, ...] = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer: str | dict | initializers.Initializer = "zeros",
+        gamma_initializer: str | dict | initializers.Initializer = "ones",
+        moving_mean_initializer: str | dict | initializers.Initializer = "zeros",
+        moving_variance_initializer: str | dict | initializers.Initializer = "ones",
+        beta_regularizer: str | dict | regularizers.Regularizer | None = None,
+        gamma_regularizer: str | dict | regularizers.Regularizer | None = None,
+        beta_constraint: str | dict | constraints.Constraint | None = None,
+        gamma_constraint: str | dict | constraints.Constraint | None = None,
+        renorm: bool = False,
+        renorm_clipping: dict[str, float] | None = None,
+        renorm_momentum: float = 0.99,
+        synchronized: bool = False,
+        virtual_batch_size: int | None = None,
+        statistics: Literal["auto", "moving", "batch"] = "auto",
+        unbiased_moving_variance: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.axis = _checks.axis(axis)
         self.momentum = _checks.fraction("momentum", momentum)
@@ -412,3 +416,27 @@ class BatchNorm(keras.layers.Layer):
             "unbiased_moving_variance": self.unbiased_moving_variance,
         }
         return {**super().get_config(), **config}
+
+
+@keras.saving.register_keras_serializable(package="kerasbn")
+class BatchNormalization(BatchNorm):
+    """:class:`BatchNorm` under Keras's class name; what ``kerasbn.from_keras`` makes.
+
+    It is ``BatchNorm`` in every way but its name, which is that of
+    ``keras.layers.BatchNormalization``: unnamed layers are named
+    ``batch_normalization``, ``batch_normalization_1``..., as Keras's are, and
+    Keras's saving, which files a layer held in a list, dict or
+    ``Sequential`` under its class name, files this one where a Keras BN
+    layer's statistics go. So the ``.keras`` file of a model whose Keras BN
+    layers became this class loads with plain ``keras.models.load_model``
+    wherever the original's did, even where the model's own code creates
+    ``keras.layers.BatchNormalization`` on loading. Write
+    ``from kerasbn import BatchNormalization`` for a drop-in with Keras's
+    names and weight paths.
+
+    Example:
+        >>> import kerasbn
+        >>> layer = kerasbn.BatchNormalization(momentum=0.9)
+        >>> isinstance(layer, kerasbn.BatchNorm), layer.name.startswith("batch_normalization")
+        (True, True)
+    """

@@ -23,6 +23,7 @@ exists for that one framework's files and imports h5py when it is called.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -30,7 +31,10 @@ import warnings
 
 import keras
 
+from kerasbn import _graph
 from kerasbn.layer import BatchNorm
+
+__all__ = ["load_legacy_model", "translate_training_config"]
 
 # class name in the file -> synchronized
 _BN_CLASSES = {"BatchNormalization": False, "SyncBatchNormalization": True}
@@ -74,6 +78,15 @@ def load_legacy_model(path, **kwargs) -> keras.Model:
     honoured (kerasbn has no adjustment of the batch statistics) and raises.
     Every other layer loads as ``keras.models.load_model`` loads it.
 
+    A compiled model's training config is translated for Keras 3
+    (:func:`translate_training_config`): loss and metric objects that
+    tf_keras saved with arguments Keras 3's classes do not take (such as
+    ``SparseCategoricalCrossentropy(from_logits=True)``), and tf_keras's
+    optimizers with their learning rate. Where a part cannot be translated,
+    the model loads uncompiled, with a warning that names what was dropped.
+    (Keras 3 does not restore tf_keras's optimizer state: its slots start
+    fresh, as Keras itself warns.)
+
     Args:
         path: the ``.h5`` (or ``.hdf5``) file of a whole model.
         **kwargs: passed to ``keras.models.load_model`` (``compile``,
@@ -86,6 +99,10 @@ def load_legacy_model(path, **kwargs) -> keras.Model:
         ValueError: the file holds no model config (a weights-only file), or
             a BN layer holds an argument that cannot be honoured (its name
             and the argument are in the message).
+
+    Warns:
+        UserWarning: naming the parts of the training config that Keras 3
+            cannot compile, when the model loads uncompiled for them.
 
     Example:
         >>> import os, tempfile, numpy as np, tf_keras, kerasbn
@@ -110,12 +127,22 @@ def load_legacy_model(path, **kwargs) -> keras.Model:
         version = _text(source.attrs.get("keras_version", "2"))
         factory = _Factory(keras2=version.startswith("2."))
         config = factory.rewrite(json.loads(_text(source.attrs["model_config"])))
+        dropped: list[str] = []
         with tempfile.TemporaryDirectory() as folder:
-            copy = os.path.join(folder, "model.h5")
-            with h5py.File(copy, "w") as target:
+            rewritten = os.path.join(folder, "model.h5")
+            with h5py.File(rewritten, "w") as target:
                 for key, value in source.attrs.items():
                     target.attrs[key] = value
                 target.attrs["model_config"] = json.dumps(config)
+                if "training_config" in source.attrs:
+                    with keras.saving.custom_object_scope(custom_objects):
+                        training, dropped = translate_training_config(
+                            json.loads(_text(source.attrs["training_config"]))
+                        )
+                    if training is None:
+                        del target.attrs["training_config"]
+                    else:
+                        target.attrs["training_config"] = json.dumps(training)
                 for name in source:
                     source.copy(source[name], target, name)
                 weights = (
@@ -124,10 +151,151 @@ def load_legacy_model(path, **kwargs) -> keras.Model:
                 _reshape_weights(h5py, weights, factory.weight_axes)
             custom_objects[_CLASS] = factory
             model = keras.models.load_model(
-                copy, custom_objects=custom_objects, **kwargs
+                rewritten, custom_objects=custom_objects, **kwargs
             )
+    if dropped and kwargs.get("compile", True):
+        warnings.warn(
+            f"load_legacy_model: the training config of {os.fspath(path)!r} has "
+            f"what Keras 3 cannot compile, which was dropped: {'; '.join(dropped)}."
+            + " The model is loaded uncompiled: compile it before training.",
+            stacklevel=2,
+        )
+    if factory.keras2 and model.compiled:
+        # Keras 3 restores no tf_keras optimizer state, and builds the new
+        # optimizer over the model's own variable list (empty for a
+        # functional model): compile anew with a fresh, unbuilt optimizer.
+        _graph.compile_like(model, model)
     factory.mark_fused_layers()
     return model
+
+
+# Arguments that tf_keras saves in an optimizer's config and Keras 3's
+# optimizers do not take (Keras 3 refuses unknown arguments).
+_TF_KERAS_OPTIMIZER_ONLY = ("is_legacy_optimizer", "jit_compile")
+# Metric names that compile resolves from the model's outputs, as tf_keras did.
+_SPECIAL_METRICS = ("accuracy", "acc", "crossentropy", "ce")
+
+
+def translate_training_config(config: dict) -> tuple[dict | None, list[str]]:
+    """A tf_keras / Keras 2 training config as Keras 3's loader can compile it.
+
+    tf_keras saves loss and metric objects with arguments that Keras 3's
+    classes do not take (``fn``, the function a wrapper class calls, and
+    ``reduction="auto"``) and its optimizers as ``"Custom>Adam"`` with
+    tf_keras-only arguments; Keras 3's loader then fails (a loss object) or
+    silently compiles a default optimizer (the saved learning rate is lost).
+    Each of these is translated: ``fn`` dropped where the class is the
+    function's own (``SparseCategoricalCrossentropy``), a bare wrapper of a
+    function replaced by that function's name, ``"auto"`` reduction made
+    Keras 3's default ``"sum_over_batch_size"``, the optimizer's class name
+    and arguments made Keras 3's. Each loss, metric and optimizer is then
+    deserialized by Keras 3 (with the custom objects in scope) to check it.
+    If any part still fails, the whole config is dropped, so that the model
+    loads uncompiled rather than compiled with less than it was.
+
+    Args:
+        config: the parsed ``training_config`` of an ``.h5`` file.
+
+    Returns:
+        ``(translated, dropped)``: the config to save in its place, or None
+        if a part cannot be translated (the model then loads uncompiled),
+        and a description of each part that cannot.
+
+    Example:
+        >>> config = {"loss": {"class_name": "SparseCategoricalCrossentropy",
+        ...     "config": {"from_logits": True, "reduction": "auto",
+        ...                "fn": "sparse_categorical_crossentropy"}},
+        ...     "metrics": None, "weighted_metrics": None, "loss_weights": None,
+        ...     "optimizer_config": {"class_name": "Custom>SGD",
+        ...         "config": {"learning_rate": 0.5, "is_legacy_optimizer": False}}}
+        >>> translated, dropped = translate_training_config(config)
+        >>> translated["loss"]["config"], translated["optimizer_config"]["class_name"]
+        ({'from_logits': True, 'reduction': 'sum_over_batch_size'}, 'SGD')
+        >>> dropped
+        []
+    """
+    dropped: list[str] = []
+    optimizer = _optimizer_config(config.get("optimizer_config"))
+    if optimizer is None:
+        dropped.append(f"the optimizer {config.get('optimizer_config')!r}")
+        return None, dropped
+    translated = dict(config, optimizer_config=optimizer)
+    loss = _translate(config.get("loss"), keras.losses, dropped, "loss")
+    translated["loss"] = loss
+    for key in ("metrics", "weighted_metrics"):
+        metrics = _translate(config.get(key), keras.metrics, dropped, key)
+        if isinstance(metrics, list) and len(metrics) == 1:
+            metrics = metrics[0]  # tf_keras's list per output, for one output
+        translated[key] = metrics
+    return (None if dropped else translated), dropped
+
+
+def _optimizer_config(config):
+    """An optimizer config Keras 3 deserializes to that optimizer, or None."""
+    if not isinstance(config, dict) or "class_name" not in config:
+        return None
+    name = config["class_name"].split(">")[-1]  # "Custom>Adam": tf_keras's Adam
+    arguments = {
+        k: v
+        for k, v in config.get("config", {}).items()
+        if k not in _TF_KERAS_OPTIMIZER_ONLY
+    }
+    translated = {**config, "class_name": name, "config": arguments}
+    try:
+        optimizer = keras.optimizers.deserialize(copy.deepcopy(translated))
+    except (TypeError, ValueError):
+        return None
+    return translated if isinstance(optimizer, keras.optimizers.Optimizer) else None
+
+
+def _translate(node, module, dropped: list[str], where: str):
+    """A loss or metric structure (a name, a config, or lists and dicts of
+    them, per output) translated for Keras 3; parts that Keras 3 cannot
+    deserialize are left out (None in a structure), named in ``dropped``."""
+    if node is None:
+        return None
+    if isinstance(node, list):
+        items = [
+            _translate(n, module, dropped, f"{where}[{i}]") for i, n in enumerate(node)
+        ]
+        return (
+            [item for item in items if item is not None]
+            if module is keras.metrics
+            else items
+        )
+    if isinstance(node, dict) and "class_name" not in node:
+        return {
+            k: _translate(v, module, dropped, f"{where}[{k!r}]")
+            for k, v in node.items()
+        }
+    translated = _translate_object(node)
+    try:
+        if isinstance(translated, str):
+            if translated not in _SPECIAL_METRICS:
+                module.get(translated)
+        elif isinstance(module.deserialize(copy.deepcopy(translated)), str):
+            # (Keras returns the class name it could not find.)
+            raise ValueError(f"Keras 3 has no {translated.get('class_name')!r}")
+    except (TypeError, ValueError) as error:
+        dropped.append(f"{where} {node!r} ({error})")
+        return None
+    return translated
+
+
+def _translate_object(node):
+    """One loss or metric: a name as it is, a config with tf_keras's extras
+    translated (see :func:`translate_training_config`)."""
+    if not isinstance(node, dict):
+        return node
+    config = dict(node.get("config") or {})
+    function = config.pop("fn", None)
+    wrapper = node["class_name"] in ("LossFunctionWrapper", "MeanMetricWrapper")
+    if wrapper and isinstance(function, str):
+        name = config.get("name")
+        return name if name in _SPECIAL_METRICS else function
+    if config.get("reduction") == "auto":
+        config["reduction"] = "sum_over_batch_size"
+    return {**node, "config": config}
 
 
 def _text(value) -> str:

@@ -20,11 +20,16 @@ installed, whatever the Keras backend.
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import TYPE_CHECKING, Literal
 
 import keras
 import numpy as np
 
+from kerasbn import _checks
 from kerasbn.layer import BatchNorm
+
+if TYPE_CHECKING:  # annotations only: torch is imported when a function is called
+    import torch
 
 DATA_FORMATS = ("channels_last", "channels_first")
 
@@ -60,7 +65,10 @@ def _ranks(torch, module) -> tuple[tuple[int, ...], int]:
 
 
 def from_torch(
-    module, data_format: str = "channels_last", *, input_rank: int | None = None
+    module: torch.nn.Module,
+    data_format: Literal["channels_last", "channels_first"] = "channels_last",
+    *,
+    input_rank: int | None = None,
 ) -> BatchNorm:
     """A built ``kerasbn.BatchNorm`` that computes what a torch BN module computes.
 
@@ -174,7 +182,7 @@ def from_torch(
     return layer
 
 
-def to_torch(layer: BatchNorm):
+def to_torch(layer: BatchNorm) -> torch.nn.Module:
     """A ``torch.nn`` BN module that computes what a built ``kerasbn.BatchNorm`` does.
 
     The inverse of :func:`from_torch`: ``BatchNorm1d`` for inputs of rank 2
@@ -223,8 +231,9 @@ def to_torch(layer: BatchNorm):
             f"to_torch needs a built layer (its input rank and channel count); "
             f"{layer.name!r} is not built. Call it on an input or build it first."
         )
-    rank = len(layer.get_build_config()["input_shape"])
-    channels = layer._channel_axes
+    input_shape = layer.get_build_config()["input_shape"]
+    rank = len(input_shape)
+    channels = _checks.channel_axes(layer.axis, input_shape)
     if channels not in ([1], [rank - 1]):
         raise ValueError(
             "torch's BN modules normalize one channel axis, first or last; got "

@@ -174,7 +174,10 @@ def float64():
     if BACKEND == "jax":
         import jax
 
-        with jax.enable_x64(True):
+        enable_x64 = getattr(jax, "enable_x64", None)
+        if enable_x64 is None:  # older JAX has it in jax.experimental only
+            from jax.experimental import enable_x64
+        with enable_x64(True):
             yield
     else:
         yield

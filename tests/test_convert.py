@@ -1,5 +1,6 @@
 """from_keras / to_keras against the original model (the peer), config and weights."""
 
+import inspect
 import json
 
 import keras
@@ -13,6 +14,7 @@ from functional_graphs import leaf_layers as all_leaf_layers
 import kerasbn
 
 KERAS_BN = keras.layers.BatchNormalization
+KERAS_HAS_RENORM = "renorm" in inspect.signature(KERAS_BN.__init__).parameters
 L = keras.layers
 
 
@@ -28,7 +30,10 @@ def keras_bn_model(bn=KERAS_BN):
     )
     inner_in = keras.Input((4, 4, 5))
     x = L.Dense(3)(L.Flatten()(inner_in))
-    x = bn(renorm=True, renorm_clipping={"rmax": 2.0}, renorm_momentum=0.9)(x)
+    renorm = dict(renorm=True, renorm_clipping={"rmax": 2.0}, renorm_momentum=0.9)
+    if not KERAS_HAS_RENORM:  # Keras's BN has renorm from 3.4
+        renorm = dict(momentum=0.9)
+    x = bn(**renorm)(x)
     inner_fn = keras.Model(inner_in, x, name="inner_fn")
     inputs = keras.Input((6, 6, 3))
     x = L.Conv2D(6, 3, use_bias=False)(inputs)
@@ -83,7 +88,7 @@ def keras_model():
 
 def test_from_keras_swaps_every_bn_in_nested_models_keeping_weights(rng, keras_model):
     converted = kerasbn.from_keras(keras_model)
-    assert_swapped_layers(converted, keras_model, KERAS_BN, kerasbn.BatchNorm)
+    assert_swapped_layers(converted, keras_model, KERAS_BN, kerasbn.BatchNormalization)
     assert_same_predictions(converted, keras_model, rng, "from_keras")
 
 
@@ -184,10 +189,10 @@ def test_from_keras_handles_op_nodes_shared_layers_nested_models_and_keyword_cal
     names = {type(layer): [] for layer in all_leaf_layers(converted)}
     for layer in all_leaf_layers(converted):
         names[type(layer)].append(layer.name)
-    assert sorted(names[kerasbn.BatchNorm]) == sorted(
+    assert sorted(names[kerasbn.BatchNormalization]) == sorted(
         layer.name for layer in all_leaf_layers(model) if isinstance(layer, KERAS_BN)
     )
-    assert len(names[kerasbn.BatchNorm]) == 6 and KERAS_BN not in names
+    assert len(names[kerasbn.BatchNormalization]) == 6 and KERAS_BN not in names
     assert len(converted.weights) == len(model.weights)  # the conv is still shared
     x = graph_inputs(rng)
     actual, expected = converted(x, training=training), model(x, training=training)
@@ -225,6 +230,11 @@ def test_to_keras_of_from_keras_gives_back_every_node_models_config_and_weights(
 def test_converted_every_node_model_round_trips_through_a_keras_file(rng, tmp_path):
     model = every_node_model()
     randomize_batch_norms(model, rng)
+    model.save(tmp_path / "original.keras")
+    try:
+        keras.saving.load_model(tmp_path / "original.keras")
+    except ValueError as error:  # Keras 3.3 loses the op nodes' history
+        pytest.skip(f"Keras {keras.__version__} cannot load the original: {error}")
     converted = kerasbn.from_keras(model)
     converted.save(tmp_path / "converted.keras")
     loaded = keras.saving.load_model(tmp_path / "converted.keras")

@@ -132,7 +132,7 @@ def test_from_keras_swaps_every_bn_keeps_class_paths_and_matches_keras(rng, in_p
     converted = kerasbn.from_keras(model, in_place=in_place)
     assert (converted is model) is in_place
     assert type(converted) is Net and converted.name == "net"
-    assert set(bn_classes(converted).values()) == {kerasbn.BatchNorm}
+    assert set(bn_classes(converted).values()) == {kerasbn.BatchNormalization}
     assert paths(converted) == before
     assert converted.unused is not None and not converted.unused.built
     if not in_place:  # the original is untouched
@@ -168,14 +168,13 @@ def test_to_keras_gives_back_keras_bn_everywhere_with_the_same_weights(rng):
 
 def test_fold_leaves_no_bn_and_reports_each(rng):
     model = build_net(rng)
-    folded = kerasbn.fold_batch_norms(model)
+    folded, report = kerasbn.fold_batch_norms(model, return_report=True)
     assert type(folded) is Net
     assert not [
         layer for _, layer in _graph.walk(folded) if isinstance(layer, BATCH_NORMS)
     ]
-    report = kerasbn.fold_batch_norms.last_report
-    assert report["absorbed"] == []  # inside call(): no graph records the flow
-    assert {path.rsplit("/", 1)[1] for path in report["affine"]} == BN_NAMES
+    assert report.absorbed == []  # inside call(): no graph records the flow
+    assert {path.rsplit("/", 1)[1] for path in report.affine} == BN_NAMES
     x = images(rng)
     expected = to_numpy(model(x, training=False))
     actual = to_numpy(folded(x, training=False))
@@ -200,10 +199,11 @@ def test_fold_absorbs_graph_pairs_in_a_functional_subclass(rng):
     model = Backbone(name="backbone")
     for _, bn in _graph.batch_norms(model):
         bn.moving_variance.assign(rng.uniform(0.5, 2.0, 4).astype("float32"))
-    folded = kerasbn.fold_batch_norms(model)
+    folded, report = kerasbn.fold_batch_norms(model, return_report=True)
     assert type(folded) is Backbone and list(folded.pyramid) == ["P1"]
-    report = kerasbn.fold_batch_norms.last_report
-    assert report == {"absorbed": ["backbone/bn"], "affine": ["backbone/lazy/late_bn"]}
+    assert report == kerasbn.fold.FoldReport(
+        absorbed=["backbone/bn"], affine=["backbone/lazy/late_bn"]
+    )
     assert type(folded.get_layer("bn")) is kerasbn.fold.Absorbed
     assert folded.get_layer("conv").use_bias
     x = images(rng)
@@ -278,8 +278,9 @@ def test_keras_file_of_the_swapped_model_loads_in_a_fresh_process(rng, tmp_path)
         sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
         import test_graph  # registers LazyBlock, the model's own package
         loaded = keras.models.load_model({str(path)!r})
-        kinds = {{bn.name: type(bn).__name__ for bn in (
-            l for l in loaded._flatten_layers() if "bn" in l.name)}}
+        kinds = {{bn.name: "kerasbn" if isinstance(bn, kerasbn.BatchNorm) else
+                 "keras" if type(bn) is keras.layers.BatchNormalization else "?"
+                 for bn in loaded._flatten_layers() if "bn" in bn.name}}
         again = kerasbn.from_keras(loaded, in_place=True)
         y = again.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0)
         diff = float(np.max(np.abs(y - np.load({str(tmp_path / "y.npy")!r}))))
@@ -291,5 +292,5 @@ def test_keras_file_of_the_swapped_model_loads_in_a_fresh_process(rng, tmp_path)
     )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["kinds"] == {"graph_bn": "BatchNorm", "late_bn": "BatchNormalization"}
+    assert result["kinds"] == {"graph_bn": "kerasbn", "late_bn": "keras"}
     assert result["diff"] == 0.0

@@ -7,6 +7,7 @@ statistics as tf_keras moves them. Files go to ``tmp_path``.
 """
 
 import json
+import warnings
 
 import keras
 import numpy as np
@@ -191,3 +192,74 @@ def test_weights_only_file_is_refused_with_a_clear_error(tmp_path):
     old.save_weights(path)
     with pytest.raises(ValueError, match="no model config"):
         kerasbn.load_legacy_model(path)
+
+
+def _compiled_file(tmp_path, rng, loss, metrics):
+    """A tf_keras model compiled with ``loss`` and ``metrics``, trained one
+    step and saved; returns ``(tf_keras model, path, x, y)``."""
+    L = tf_keras.layers
+    inputs = L.Input((6, 6, 3))
+    x = L.BatchNormalization()(L.Conv2D(4, 3)(inputs))
+    old = tf_keras.Model(inputs, L.Dense(3)(L.Flatten()(x)))
+    old.compile(tf_keras.optimizers.Adam(0.005), loss=loss, metrics=metrics)
+    x = rng.normal(size=(16, 6, 6, 3)).astype("float32")
+    y = np.arange(16) % 3
+    old.fit(x, y, batch_size=8, verbose=0)
+    path = tmp_path / "compiled.h5"
+    old.save(path)
+    return old, path, x, y
+
+
+def test_file_compiled_with_loss_and_metric_objects_loads_compiled(rng, tmp_path):
+    """tf_keras saves ``SparseCategoricalCrossentropy(from_logits=True)`` with
+    an ``fn`` argument Keras 3's class does not take, and its optimizer as
+    ``Custom>Adam``: the training config is translated, and the loaded model
+    evaluates as tf_keras evaluates it."""
+    old, path, x, y = _compiled_file(
+        tmp_path,
+        rng,
+        tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        [
+            tf_keras.metrics.SparseCategoricalAccuracy(),
+            "accuracy",
+            tf_keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2"),
+        ],
+    )
+    with pytest.raises(TypeError, match="SparseCategoricalCrossentropy"):
+        keras.models.load_model(path)  # Keras's own loader fails on it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing is dropped
+        model = kerasbn.load_legacy_model(path)
+    assert model.compiled
+    assert model.loss.get_config()["from_logits"] is True
+    assert type(model.optimizer).__name__ == "Adam"
+    np.testing.assert_allclose(float(to_numpy(model.optimizer.learning_rate)), 0.005)
+    expected = old.evaluate(x, y, verbose=0, return_dict=True)
+    actual = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert set(actual) == set(expected)
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6)
+        record(f"legacy compiled: evaluate {name}", actual[name], expected[name])
+    history = model.fit(x, y, batch_size=8, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_untranslatable_training_config_loads_uncompiled_with_a_warning(rng, tmp_path):
+    """A loss class that Keras 3 does not know cannot be compiled: the model
+    loads uncompiled, with a warning that names the loss, and predicts as
+    tf_keras does."""
+
+    @tf_keras.utils.register_keras_serializable(package="kerasbn_legacy_tests")
+    class Focal(tf_keras.losses.Loss):
+        def call(self, y_true, y_pred):
+            return tf_keras.losses.sparse_categorical_crossentropy(
+                y_true, y_pred, from_logits=True
+            )
+
+    old, path, x, _ = _compiled_file(tmp_path, rng, Focal(), ["accuracy"])
+    with pytest.warns(UserWarning, match="dropped: loss .*Focal.*uncompiled"):
+        model = kerasbn.load_legacy_model(path)
+    assert not model.compiled
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), old.predict(x, verbose=0), rtol=1e-5, atol=1e-5
+    )
