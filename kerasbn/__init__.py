@@ -2,6 +2,7 @@
 
 from kerasbn._version import __version__ as __version__
 from kerasbn.convert import from_keras, load_model, to_keras
+from kerasbn.diagnose import BNMonitor, Diagnosis, diagnose
 from kerasbn.fold import fold_batch_norms
 from kerasbn.freeze import freeze_batch_norms
 from kerasbn.layer import BatchNorm, BatchNormalization
@@ -12,6 +13,9 @@ from kerasbn.torch_interop import from_torch, to_torch
 __all__ = [
     "BatchNorm",
     "BatchNormalization",
+    "BNMonitor",
+    "Diagnosis",
+    "diagnose",
     "fold_batch_norms",
     "freeze_batch_norms",
     "from_keras",

@@ -12,13 +12,14 @@ from conftest import BACKEND
 # The modules with public objects (the private helpers carry no examples).
 MODULES = [
     "kerasbn.formulas",
-    "kerasbn.ops",
     "kerasbn.layer",
     "kerasbn.backends",
     "kerasbn.backends.plan",
     f"kerasbn.backends.{BACKEND}",
     "kerasbn.fold",
     "kerasbn.recalibrate",
+    "kerasbn.diagnose",
+    "kerasbn._comparison",
     "kerasbn.convert",
     "kerasbn.torch_interop",
     "kerasbn.legacy",

@@ -246,3 +246,30 @@ def test_port_torch_resnet18_matches_torch_in_eval_and_one_training_step(
         "weights after the step (relative)",
     ):
         assert figures[label] < 1e-6, (label, out)
+
+
+def test_diagnose_finds_the_stale_layers_and_recalibrate_fixes_them(
+    tmp_path, offline_mnist
+):
+    out = run_example(
+        "diagnose.py",
+        *("--steps", "60", "--limit", "256", "--out", str(tmp_path / "d.png")),
+        cwd=tmp_path,
+    )
+    assert_png(tmp_path / "d.png")
+    before, after = out.split("diagnosis after")
+    paths = ["cnn_bn/batch_norm", "cnn_bn/batch_norm_1", "cnn_bn/batch_norm_2"]
+    rows = {
+        (part, line.split()[0]): line
+        for part, text in (("before", before), ("after", after))
+        for line in text.splitlines()
+        if line.split()[:1] and line.split()[0] in paths
+    }
+    for path in paths:
+        # 60 steps at momentum 0.99: the initializer still weighs 0.99**60.
+        assert f" {0.99**60:.2g} " in rows["before", path]
+        assert rows["before", path].rstrip().endswith("stale statistics")
+        assert rows["after", path].rstrip().endswith(" ok")
+    accuracies = [float(a) for a in re.findall(r"accuracy (0\.\d+)", out)]
+    evaluate_before, evaluate_after = accuracies[1], accuracies[-1]
+    assert evaluate_after > evaluate_before + 0.05

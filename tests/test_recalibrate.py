@@ -305,3 +305,55 @@ def test_unbiased_layer_gets_the_unbiased_population_variance(rng):
     np.testing.assert_allclose(
         to_numpy(bn.moving_variance), x.var(0, ddof=1), rtol=1e-5
     )
+
+
+def layer_state(model) -> list:
+    """Every layer's own attributes (by identity), flags and weights (by value)."""
+    return [
+        (
+            layer.trainable,
+            "call" in vars(layer),
+            {k: id(v) for k, v in vars(layer).items()},
+            [(w.path, w.trainable, to_numpy(w).tobytes()) for w in layer.weights],
+        )
+        for _, layer in kerasbn._graph.walk(model)
+    ]
+
+
+def test_an_exception_midway_leaves_every_layer_as_it_was(rng):
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(5),
+            kerasbn.BatchNorm(renorm=True, trainable=False),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.layers[2].gamma.trainable = False  # one weight frozen on its own
+    randomize(model, rng)
+    model(np.zeros((2, 4), "float32"))
+    before = layer_state(model)
+    x = rng.normal(3.0, 2.0, (16, 4)).astype("float32")
+
+    def data():
+        yield x  # these two batches move the moving statistics in the pass...
+        yield x
+        raise OSError("the data source broke")  # ...then the pass stops
+
+    with pytest.raises(OSError, match="broke"):
+        kerasbn.recalibrate(model, data())
+    assert layer_state(model) == before
+
+
+def test_tuple_of_arrays_and_dict_of_arrays_are_batched(rng):
+    x = rng.normal(2.0, 3.0, (40, 3)).astype("float32")
+    y = np.zeros((40, 1), "float32")
+    model = keras.Sequential([keras.Input((3,)), kerasbn.BatchNorm()])
+    kerasbn.recalibrate(model, (x, y), batch_size=8)
+    np.testing.assert_allclose(moving(model.layers[0])[1], x.var(0), rtol=1e-5)
+    inputs = {"a": keras.Input((3,), name="a"), "b": keras.Input((3,), name="b")}
+    bn = kerasbn.BatchNorm()
+    two = keras.Model(inputs, bn(inputs["a"] - inputs["b"]))
+    kerasbn.recalibrate(two, {"a": x, "b": 2.0 * x}, batch_size=8)
+    np.testing.assert_allclose(to_numpy(bn.moving_mean), -x.mean(0), rtol=1e-5)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import keras
+import numpy as np
 
 from kerasbn import formulas
 from kerasbn.backends.plan import CPU, Plan
@@ -28,9 +29,12 @@ __all__ = [
     "check_divisible",
     "current",
     "formulation",
+    "gather_workers",
     "global_moments",
+    "jit",
     "normalize",
     "plan",
+    "replicas_in_sync",
 ]
 
 
@@ -86,6 +90,20 @@ class Kernels(Protocol):
     def assert_divisible(self, x, group_size: int, message: str):
         """``x``, checked in the graph to have a batch size that ``group_size``
         divides, where the framework can check a dynamic size; else ``x``."""
+
+    def gather_workers(self, array, variable=None):
+        """Every worker's float64 NumPy ``array``, stacked in rank order, bit for
+        bit, over the engine's workers (processes); ``array[None]`` where
+        nothing is distributed. ``variable`` is a model variable by which an
+        engine may find its strategy, or None."""
+
+    def replicas_in_sync(self) -> int:
+        """The replicas that Keras divides a loss by in the current scope."""
+
+    # The tools' passes.
+    def jit(self, function):
+        """``function`` compiled where that serves a pass of the tools over
+        many batches, else ``function`` itself."""
 
 
 _LOADED: dict[str, Kernels | None] = {}
@@ -212,6 +230,64 @@ def global_moments(local: Moments) -> Moments:
     """
     module = current()
     return local if module is None else module.global_moments(local)
+
+
+def gather_workers(array, variable=None):
+    """Every worker's float64 NumPy ``array``, stacked in rank order, bit for bit.
+
+    The workers are those of the backend's engine: the processes of a
+    ``tf.distribute`` strategy (the one in scope, else the one holding
+    ``variable``), of ``jax.distributed``, or of a ``torch.distributed``
+    process group. Every worker must call it with an array of the same shape.
+
+    Args:
+        array: this worker's array.
+        variable: a Keras variable of the model (TensorFlow finds the
+            strategy that holds it), or None.
+
+    Returns:
+        ``(workers, *array.shape)`` float64; ``array[None]`` where nothing is
+        distributed.
+
+    Example:
+        >>> gather_workers(np.ones(2)).tolist()  # one process
+        [[1.0, 1.0]]
+    """
+    module = current()
+    if module is None:
+        return np.asarray(array, np.float64)[np.newaxis]
+    return module.gather_workers(array, variable)
+
+
+def jit(function):
+    """``function`` compiled by the backend, where that serves the tools' passes.
+
+    JAX: ``jax.jit`` in one process (op-by-op JAX compiles every op of a
+    model at its first call, many times slower than compiling the model
+    once); with several ``jax.distributed`` processes, each running on its
+    own data, ``function`` itself. TensorFlow and PyTorch: ``function``
+    itself, run eagerly (their eager ops need no compiling).
+
+    Example:
+        >>> int(jit(abs)(-2))
+        2
+    """
+    module = current()
+    return function if module is None else module.jit(function)
+
+
+def replicas_in_sync() -> int:
+    """The replicas that Keras divides a loss by in the current scope.
+
+    The ``tf.distribute`` strategy's ``num_replicas_in_sync`` in its scope on
+    TensorFlow; 1 elsewhere (JAX and PyTorch do not scale losses).
+
+    Example:
+        >>> replicas_in_sync()
+        1
+    """
+    module = current()
+    return 1 if module is None else module.replicas_in_sync()
 
 
 def check_divisible(x, group_size: int):

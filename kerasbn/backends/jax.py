@@ -44,6 +44,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kerasbn import formulas
 from kerasbn.backends.plan import CPU, KERNEL_FUNCTIONS, Plan, channel_vector
@@ -281,3 +282,61 @@ def assert_divisible(x, group_size: int, message: str):
     """``x``: JAX traces static shapes, which the layer has checked already."""
     del group_size, message
     return x
+
+
+# ------------------------------------------------ host-side worker gather
+def gather_workers(array: np.ndarray, variable=None) -> np.ndarray:
+    """Every process's float64 ``array``, stacked in process order, bit for bit.
+
+    With several JAX processes (``jax.distributed``), one
+    ``multihost_utils.process_allgather`` brings each process's array to
+    every process. The float64 values travel as their bytes (viewed as
+    uint32), so that JAX without x64 does not round them to float32. With one
+    process, ``array[None]``. Every process must call it, with arrays of the
+    same shape.
+
+    Args:
+        array: this process's array.
+        variable: unused (the processes are JAX's own).
+
+    Returns:
+        ``(processes, *array.shape)`` float64.
+
+    Example:
+        >>> gather_workers(np.arange(3.0)).shape  # one process
+        (1, 3)
+    """
+    array = np.ascontiguousarray(array, np.float64)
+    if jax.process_count() == 1:
+        return array[np.newaxis]
+    from jax.experimental import multihost_utils
+
+    words = array.reshape(-1).view(np.uint32)
+    gathered = np.asarray(multihost_utils.process_allgather(words, tiled=False))
+    gathered = np.ascontiguousarray(gathered, np.uint32).view(np.float64)
+    return gathered.reshape(jax.process_count(), *array.shape)
+
+
+def jit(function):
+    """``jax.jit(function)`` in one process; ``function`` itself with several.
+
+    The tools' statistics pass runs every process on its own data. A compiled
+    function would take that host data for one value replicated over every
+    process's devices, which it is not; op by op, each process computes on
+    its own.
+
+    Example:
+        >>> float(jit(lambda x: x + 1)(jnp.float32(1)))
+        2.0
+    """
+    return jax.jit(function) if jax.process_count() == 1 else function
+
+
+def replicas_in_sync() -> int:
+    """1: Keras's JAX trainer does not scale a loss by the replicas.
+
+    Example:
+        >>> replicas_in_sync()
+        1
+    """
+    return 1

@@ -20,7 +20,8 @@ __all__ = ["CPU", "KERNEL_FUNCTIONS", "NOMINAL_DIM", "Plan", "channel_vector"]
 
 KERNEL_FUNCTIONS = (
     *("device", "default_device", "formulation", "batch_normalize", "normalize"),
-    *("all_finite", "global_moments", "assert_divisible"),
+    *("all_finite", "global_moments", "assert_divisible", "gather_workers"),
+    *("replicas_in_sync", "jit"),
 )
 """The functions every backend module defines: the members of
 :class:`kerasbn.backends.Kernels`, whose docstrings state their contracts."""

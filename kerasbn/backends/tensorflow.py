@@ -40,9 +40,11 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from kerasbn import formulas
@@ -70,6 +72,8 @@ FUSED_MAX_MEAN_SPREADS = 100.0
 many spreads of zero: its float32 mean's rounding does not show there."""
 VECTOR_WIDTH = 16  # float32 lanes of a 512-bit vector
 WIDEN_MIN_ELEMENTS = 1 << 15  # below this, widening costs more ops than it saves
+
+EAGER_CALLS = 8  # calls of a tool's pass function run eagerly before tracing it
 
 _EMPTY = ()
 _XP = formulas.Namespace(tf, rsqrt=tf.math.rsqrt)
@@ -437,3 +441,85 @@ def assert_divisible(x, group_size: int, message: str):
     check = tf.debugging.assert_equal(tf.shape(x)[0] % group_size, 0, message=message)
     with tf.control_dependencies([check]):
         return tf.identity(x)
+
+
+# ------------------------------------------------ host-side worker gather
+def gather_workers(array: np.ndarray, variable=None) -> np.ndarray:
+    """Every worker's float64 ``array``, stacked in worker order, bit for bit.
+
+    The strategy is the one in scope, else the one that holds ``variable``
+    (a Keras variable of the model). Under a strategy whose replicas span
+    several workers (``MultiWorkerMirroredStrategy``), one
+    ``strategy.gather`` brings each worker's array to every worker (every
+    local replica contributes the same copy; one per worker is kept). Under
+    a strategy of one worker (``MirroredStrategy`` over local devices), or
+    none, this process holds everything: ``array[None]``.
+
+    Every worker must call it, with arrays of the same shape.
+
+    Args:
+        array: this worker's array.
+        variable: a Keras variable of the model, or None.
+
+    Returns:
+        ``(workers, *array.shape)`` float64.
+
+    Example:
+        >>> gather_workers(np.arange(3.0)).shape  # no strategy: this worker only
+        (1, 3)
+    """
+    array = np.asarray(array, np.float64)
+    strategy = _strategy(variable)
+    local = len(strategy.extended.worker_devices) if strategy is not None else 1
+    if strategy is None or strategy.num_replicas_in_sync <= local:
+        return array[np.newaxis]
+    value = tf.constant(array[np.newaxis])
+    per_replica = strategy.experimental_distribute_values_from_function(lambda _: value)
+    gathered = strategy.gather(per_replica, axis=0).numpy()
+    return gathered[::local]
+
+
+def _strategy(variable):
+    """The ``tf.distribute`` strategy in scope, else the one holding ``variable``."""
+    if tf.distribute.has_strategy():
+        return tf.distribute.get_strategy()
+    held = getattr(variable, "value", None)
+    return getattr(held, "distribute_strategy", None)
+
+
+def replicas_in_sync() -> int:
+    """The replicas of the ``tf.distribute`` strategy in scope (1 outside any).
+
+    Keras divides a loss computed in a strategy's scope by this number (each
+    replica's share of the global batch's mean); the tools' statistics pass
+    multiplies it back.
+
+    Example:
+        >>> replicas_in_sync()
+        1
+    """
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def jit(function):
+    """``function`` for the tools' passes: eager for its first
+    ``EAGER_CALLS`` calls, then a ``tf.function`` with relaxed shapes (one
+    trace serves every batch size).
+
+    Tracing a model costs about as much as ``EAGER_CALLS`` eager calls of it
+    (measured with ``benchmarks/bench_diagnose.py``; the figures are in
+    ``benchmarks/README.md``), so a pass of a few batches runs eagerly and a
+    long one pays the trace once.
+
+    Example:
+        >>> increment = jit(lambda x: x + 1)
+        >>> [int(increment(tf.constant(i))) for i in range(10)][-1]
+        10
+    """
+    compiled = tf.function(function, reduce_retracing=True)
+    calls = itertools.count()
+
+    def call(*args):
+        return (function if next(calls) < EAGER_CALLS else compiled)(*args)
+
+    return call

@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from kerasbn import formulas
@@ -340,3 +341,58 @@ def assert_divisible(x, group_size: int, message: str):
     """``x``: eager PyTorch knows every size, which the layer has checked."""
     del group_size, message
     return x
+
+
+# ------------------------------------------------ host-side worker gather
+def gather_workers(array: np.ndarray, variable=None) -> np.ndarray:
+    """Every process's float64 ``array``, stacked in rank order, bit for bit.
+
+    With an initialized ``torch.distributed`` process group of more than one
+    process, one ``all_gather`` of float64 tensors (on the current CUDA
+    device for the NCCL backend, on the CPU otherwise) brings each process's
+    array to every process. Otherwise ``array[None]``. Every process must
+    call it, with arrays of the same shape.
+
+    Args:
+        array: this process's array.
+        variable: unused (the process group is torch's own).
+
+    Returns:
+        ``(world_size, *array.shape)`` float64.
+
+    Example:
+        >>> gather_workers(np.arange(3.0)).shape  # no process group
+        (1, 3)
+    """
+    array = np.ascontiguousarray(array, np.float64)
+    if not _distributed():
+        return array[np.newaxis]
+    dist = torch.distributed
+    device = "cpu"
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    tensor = torch.from_numpy(array).to(device)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.stack(parts).cpu().numpy()
+
+
+def replicas_in_sync() -> int:
+    """1: Keras's PyTorch trainer does not scale a loss by the replicas.
+
+    Example:
+        >>> replicas_in_sync()
+        1
+    """
+    return 1
+
+
+def jit(function):
+    """``function`` itself: eager PyTorch ops need no compiling, and a
+    ``torch.compile`` of a model per pass costs more than it saves.
+
+    Example:
+        >>> jit(abs) is abs
+        True
+    """
+    return function
