@@ -317,12 +317,17 @@ def test_keras_file_round_trip(entry, x, tmp_path, request):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
+    # kerasbn's loader gives the saved layers: the outputs exactly. Keras's
+    # gives its own BN where the model's code creates one, whose inference
+    # rounds otherwise on some backends: the outputs to float32 rounding.
+    scale = max(1.0, *(float(np.max(np.abs(y))) for y in outputs))
+    rounding = {"kerasbn": 0.0, "keras": 1e-6 * scale}
     for loader, result in found.items():
         exact = (
             result["class"] == type(converted).__name__
             and result["all_paths"]
             and result["weights"] == 0.0
-            and result["outputs"] == 0.0
+            and result["outputs"] <= rounding[loader]
         )
         figure(entry.name, f"{loader} reload", exact)
         assert exact, (loader, result)
