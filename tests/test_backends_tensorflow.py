@@ -156,7 +156,9 @@ def test_fast_path_declines_masks_float64_and_split_channel_axes(
 def test_formulation_is_fused_only_for_large_channels_last_inputs(
     shape, axes, expected
 ):
-    assert tf_backend.formulation(shape, axes).formulation == expected
+    for device in ("cpu:avx512:onednn", "cpu:avx2"):  # with oneDNN and without
+        plan = tf_backend.formulation(shape, axes, device=device)
+        assert plan.formulation == expected, device
 
 
 def test_formulation_is_not_fused_below_cudnn_smallest_epsilon():
@@ -165,16 +167,20 @@ def test_formulation_is_not_fused_below_cudnn_smallest_epsilon():
 
 
 @pytest.mark.parametrize(
-    "shape, k",
+    "device, shape, k",
     [
-        ((32, 24, 24, 10), 8),
-        ((32, 8, 8, 20), 4),
-        ((None, 8, 8, 20), 4),
-        ((4, 5, 10), 1),
+        ("cpu:avx512:onednn", (32, 24, 24, 10), 8),  # 16 lanes
+        ("cpu:avx512:onednn", (32, 8, 8, 20), 4),
+        ("cpu:avx512:onednn", (None, 8, 8, 20), 4),
+        ("cpu:avx512:onednn", (4, 5, 10), 1),
+        ("cpu:avx2", (32, 24, 24, 10), 4),  # TensorFlow's own kernels: 8 lanes
+        ("cpu:avx2", (32, 8, 8, 20), 2),
+        ("cpu:avx2", (None, 8, 8, 20), 2),
+        ("cpu:avx2", (4, 5, 10), 1),
     ],
 )
-def test_few_channels_are_widened_to_whole_vectors_in_large_inputs(shape, k):
-    plan = tf_backend.formulation(shape, list(range(len(shape) - 1)))
+def test_few_channels_are_widened_to_whole_vectors_in_large_inputs(device, shape, k):
+    plan = tf_backend.formulation(shape, list(range(len(shape) - 1)), device=device)
     assert plan.formulation == ("widened" if k > 1 else "composite")
     assert k == 1 or tf_backend._widening(plan) == k
 

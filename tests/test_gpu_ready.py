@@ -153,7 +153,7 @@ def test_tensorflow_cpu_thresholds_and_widening_apply_only_on_the_cpu():
     # nothing is widened off the CPU.
     assert name((32, 8, 8, 20), axes, 1e-6, "gpu") == "composite"
     assert name((8, 16, 6, 6), [0, 2, 3], device="gpu") == "composite"
-    assert tf_backend.device(tf.zeros(2)) == "cpu"
+    assert tf_backend.device(tf.zeros(2)) == tf_backend.CPU_DEVICE
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the JAX fast path")

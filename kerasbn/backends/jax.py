@@ -40,6 +40,8 @@ Example:
 from __future__ import annotations
 
 import functools
+import os
+import re
 from collections.abc import Sequence
 
 import jax
@@ -47,18 +49,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from kerasbn import formulas
+from kerasbn.backends import isa
 from kerasbn.backends.plan import CPU, KERNEL_FUNCTIONS, Plan, channel_vector
 
 __all__ = [
     *KERNEL_FUNCTIONS,
+    "CPU_DEVICE",
     "DTYPES",
     "GUARD_LANES",
     "ROUGH_MAX_MEAN_SPREADS",
     "ROUGH_MIN_ELEMENTS",
+    "xla_cpu_max_isa",
 ]
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
-ROUGH_MIN_ELEMENTS = 1 << 20  # below this many elements, always shifted
+ROUGH_MIN_ELEMENTS = {isa.AVX512: 1 << 20, isa.AVX2: 1 << 20}
+"""Per instruction set it was measured on, the size from which the rough
+statistics serve; below it, and on other CPUs, the shifted ones."""
 ROUGH_MAX_MEAN_SPREADS = 3.0
 """Unshifted sums keep float32 precision (a relative error of the variance of
 about ``(1 + 3**2) * eps``) while every mean lies within 3 spreads of zero."""
@@ -75,8 +82,21 @@ def device(x) -> str | None:
 
 
 def default_device() -> str:
-    """``jax.default_backend()``: ``"cpu"``, ``"gpu"``, ``"tpu"``..."""
-    return jax.default_backend()
+    """``jax.default_backend()`` (``"gpu"``, ``"tpu"``...), a CPU as
+    :data:`CPU_DEVICE`."""
+    platform = jax.default_backend()
+    return CPU_DEVICE if platform == CPU else platform
+
+
+def xla_cpu_max_isa() -> str | None:
+    """The cap of ``--xla_cpu_max_isa`` in ``XLA_FLAGS``, or None."""
+    found = re.findall(r"--xla_cpu_max_isa=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    return found[-1] if found else None
+
+
+CPU_DEVICE = isa.cpu_device(isa.instruction_set(xla_cpu_max_isa()))
+"""This process's CPU: the instruction set XLA compiles for (the CPU's,
+capped by ``--xla_cpu_max_isa``)."""
 
 
 def formulation(
@@ -100,12 +120,14 @@ def formulation(
         True
     """
     del epsilon
+    device = isa.resolve(device, CPU_DEVICE)
     plan = Plan.of(shape, axes, device=device, training=training)
     if plan is None or dtype not in DTYPES or None in plan.shape or plan.empty:
         return None
     if not training:
         return plan.using("affine")
-    rough = device == CPU and plan.static and plan.nominal_size >= ROUGH_MIN_ELEMENTS
+    threshold = ROUGH_MIN_ELEMENTS.get(isa.device_isa(device))
+    rough = threshold is not None and plan.static and plan.nominal_size >= threshold
     return plan.using("rough" if rough else "shifted")
 
 

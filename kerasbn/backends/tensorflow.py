@@ -40,59 +40,116 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from kerasbn import formulas
+from kerasbn.backends import isa
 from kerasbn.backends.plan import CPU, KERNEL_FUNCTIONS, Plan, channel_vector
 
 __all__ = [
     *KERNEL_FUNCTIONS,
+    "CPU_DEVICE",
+    "CPU_RULES",
     "DTYPES",
-    "FUSED_IMAGE_ROWS",
     "FUSED_MAX_MEAN_SPREADS",
     "FUSED_MIN_EPSILON",
-    "FUSED_THRESHOLDS",
-    "VECTOR_WIDTH",
-    "WIDEN_MIN_ELEMENTS",
+    "UNMEASURED_CPU",
+    "CpuRules",
+    "onednn_enabled",
 ]
 
 DTYPES = ("float16", "bfloat16", "float32")
-FUSED_THRESHOLDS = ((8, 1 << 17), (4, 1 << 19))
-"""On the CPU, ``(channel multiple, fewest elements)`` from which the fused
-kernel serves (measured with oneDNN on an AVX-512 CPU)."""
 FUSED_MIN_EPSILON = 1.001e-5  # cuDNN's smallest epsilon
-FUSED_IMAGE_ROWS = 16  # rows per image of the 4-D view: oneDNN spreads them best
+EAGER_CALLS = 8  # calls of a tool's pass function run eagerly before tracing it
 FUSED_MAX_MEAN_SPREADS = 100.0
 """The fused kernel sees the input as it is while every mean lies within this
 many spreads of zero: its float32 mean's rounding does not show there."""
-VECTOR_WIDTH = 16  # float32 lanes of a 512-bit vector
-WIDEN_MIN_ELEMENTS = 1 << 15  # below this, widening costs more ops than it saves
 
-EAGER_CALLS = 8  # calls of a tool's pass function run eagerly before tracing it
+
+@dataclasses.dataclass(frozen=True)
+class CpuRules:
+    """The formulation choices measured on one kind of CPU (see
+    ``benchmarks/README.md`` for the figures behind each).
+
+    Attributes:
+        fused: ``(channel multiple, fewest elements)`` pairs: the fused kernel
+            serves a channels-last input whose channels are a multiple of the
+            first and whose size reaches the second.
+        image_rows: rows per image of the fused kernel's 4-D view.
+        vector_width: float32 lanes that a widened view fills (0: none is).
+        widen_min_elements: below this size nothing is widened.
+    """
+
+    fused: tuple[tuple[int, int], ...] = ()
+    image_rows: int = 16
+    vector_width: int = 0
+    widen_min_elements: int = 1 << 15
+
+
+_ONEDNN = CpuRules(fused=((8, 1 << 17), (4, 1 << 19)), image_rows=16, vector_width=16)
+_EIGEN = CpuRules(fused=((4, 1 << 17),), image_rows=16, vector_width=8)
+CPU_RULES = {
+    isa.cpu_device(isa.AVX512, isa.ONEDNN): _ONEDNN,
+    isa.cpu_device(isa.AVX2, isa.ONEDNN): _ONEDNN,
+    isa.cpu_device(isa.AVX512): _EIGEN,
+    isa.cpu_device(isa.AVX2): _EIGEN,
+}
+"""The rules of each CPU they were measured on, by device name. With oneDNN
+off, TensorFlow's own kernels run code built for the binary's baseline, so
+AVX-512 and AVX2 CPUs share their rules."""
+UNMEASURED_CPU = CpuRules()
+"""Any other CPU: the composite formulation, never slower than Keras's BN."""
 
 _EMPTY = ()
 _XP = formulas.Namespace(tf, rsqrt=tf.math.rsqrt)
 
 
 def device(x) -> str | None:
-    """The device type ``x``'s ops run on, or None for a non-TensorFlow object:
-    the one an eager tensor names, else where TensorFlow places ops."""
+    """The device ``x``'s ops run on, or None for a non-TensorFlow object:
+    the one an eager tensor names, else where TensorFlow places ops; a CPU
+    as :data:`CPU_DEVICE`."""
     if not tf.is_tensor(x):
         return None
     name = getattr(x, "device", "") or ""
     if name:
-        return (tf.DeviceSpec.from_string(name).device_type or "CPU").lower()
+        kind = (tf.DeviceSpec.from_string(name).device_type or "CPU").lower()
+        return CPU_DEVICE if kind == CPU else kind
     return default_device()
 
 
 def default_device() -> str:
-    """``"gpu"`` where TensorFlow sees a GPU, else ``"cpu"``."""
-    return "gpu" if tf.config.list_logical_devices("GPU") else CPU
+    """``"gpu"`` where TensorFlow sees a GPU, else :data:`CPU_DEVICE`."""
+    return "gpu" if tf.config.list_logical_devices("GPU") else CPU_DEVICE
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow computes its CPU kernels with oneDNN: its default on
+    x86 CPUs with AVX-512 VNNI, BF16 or AMX; ``TF_ENABLE_ONEDNN_OPTS`` turns
+    it on or off."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:  # the report moved: what TF_ENABLE_ONEDNN_OPTS asks
+        return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "0").lower() in ("1", "true")
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+CPU_DEVICE = isa.cpu_device(
+    isa.instruction_set(
+        os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    ),
+    *((isa.ONEDNN,) if onednn_enabled() else ()),
+)
+"""This process's CPU: the instruction set oneDNN computes with (the CPU's,
+capped by ``ONEDNN_MAX_CPU_ISA``), and ``":onednn"`` where oneDNN is on.
+Without oneDNN, TensorFlow's own (Eigen) kernels run code compiled for the
+binary's baseline, whatever the CPU."""
 
 
 def formulation(
@@ -118,27 +175,38 @@ def formulation(
         >>> formulation((32, 64, 56, 56), [0, 2, 3], training=False).formulation
         'affine'
     """
+    device = isa.resolve(device, CPU_DEVICE)
     plan = Plan.of(shape, axes, device=device, training=training)
     if plan is None or dtype not in DTYPES:
         return None
-    cpu, size = device == CPU, plan.nominal_size
+    rules, size = cpu_rules(device), plan.nominal_size
     if plan.channels_last and epsilon >= FUSED_MIN_EPSILON:
-        if not cpu or any(
-            plan.channels % m == 0 and size >= n for m, n in FUSED_THRESHOLDS
+        if rules is None or any(
+            plan.channels % m == 0 and size >= n for m, n in rules.fused
         ):
             return plan.using("fused")
-    if cpu and size >= WIDEN_MIN_ELEMENTS and _widening(plan) > 1:
+    if rules and size >= rules.widen_min_elements and _widening(plan) > 1:
         return plan.using("widened")
     return plan.using("composite" if training else "affine")
 
 
+def cpu_rules(device: str) -> CpuRules | None:
+    """The rules measured on the CPU ``device`` names, :data:`UNMEASURED_CPU`
+    for a CPU without measurements; None off the CPU (the fused kernel is
+    cuDNN's there)."""
+    if isa.device_type(device) != CPU:
+        return None
+    return CPU_RULES.get(device, UNMEASURED_CPU)
+
+
 def _widening(plan: Plan) -> int:
-    """``k`` of the ``(rows / k, k * C)`` view: ``k * C`` a multiple of
-    ``VECTOR_WIDTH``, ``k`` dividing the rows; 1 where nothing is widened."""
-    channels = plan.channels
-    if not plan.channels_last or channels >= 4 * VECTOR_WIDTH:
+    """``k`` of the ``(rows / k, k * C)`` view: ``k * C`` a multiple of the
+    CPU's vector width, ``k`` dividing the rows; 1 where nothing is widened."""
+    rules, channels = cpu_rules(plan.device), plan.channels
+    width = rules.vector_width if rules else 0
+    if not width or not plan.channels_last or channels >= 4 * width:
         return 1
-    k = VECTOR_WIDTH // math.gcd(channels, VECTOR_WIDTH)
+    k = width // math.gcd(channels, width)
     while plan.known_outer % k:
         k //= 2
     return k
@@ -245,8 +313,10 @@ def _fused(x4, scale, offset, mean, variance, epsilon: float, training: bool):
 
 
 def _fused_view(x, plan: Plan):
-    """Channels-last ``x`` as NHWC ``(rows / r, r, 1, C)``, ``r <= FUSED_IMAGE_ROWS``."""
-    rows = math.gcd(plan.known_outer, FUSED_IMAGE_ROWS)
+    """Channels-last ``x`` as NHWC ``(rows / r, r, 1, C)``, ``r`` dividing the
+    CPU's ``image_rows`` (16 off the CPU)."""
+    rules = cpu_rules(plan.device) or UNMEASURED_CPU
+    rows = math.gcd(plan.known_outer, rules.image_rows)
     return tf.reshape(x, [-1, rows, 1, plan.channels])
 
 

@@ -43,25 +43,40 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from kerasbn import formulas
+from kerasbn.backends import isa
 from kerasbn.backends.plan import CPU, KERNEL_FUNCTIONS, Plan, channel_vector
 
 __all__ = [
     *KERNEL_FUNCTIONS,
+    "CPU_DEVICE",
     "DTYPES",
-    "MATVEC_CHANNEL_MULTIPLE",
-    "MATVEC_MAX_CHANNELS",
-    "MATVEC_MIN_SAMPLES",
+    "MATVEC",
+    "MatVecRule",
 ]
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
-MATVEC_MIN_SAMPLES = 4096  # values per channel from which "matvec" may serve,
-MATVEC_MAX_CHANNELS = 32  # for fewer channels than this
-MATVEC_CHANNEL_MULTIPLE = 8  # that are not a multiple of the CPU kernel's width
+
+
+class MatVecRule(NamedTuple):
+    """When ``"matvec"`` serves a training call on one instruction set: from
+    ``min_samples`` values per channel, for fewer than ``max_channels``
+    channels that are not a multiple of ``channel_multiple`` (the CPU
+    kernel's vector width, below which it runs scalar code)."""
+
+    min_samples: int
+    max_channels: int
+    channel_multiple: int
+
+
+MATVEC = {isa.AVX512: MatVecRule(4096, 32, 8), isa.AVX2: MatVecRule(4096, 32, 8)}
+"""The ``"matvec"`` rule of each instruction set it was measured on; other
+CPUs take ``torch.batch_norm``'s views."""
 
 _XP = formulas.Namespace(
     torch,
@@ -71,13 +86,34 @@ _XP = formulas.Namespace(
 
 
 def device(x) -> str | None:
-    """``x.device.type``, or None for what is not a ``torch.Tensor``."""
-    return x.device.type if isinstance(x, torch.Tensor) else None
+    """``x.device.type`` (a CPU as :data:`CPU_DEVICE`), or None for what is
+    not a ``torch.Tensor``."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    kind = x.device.type
+    return CPU_DEVICE if kind == CPU else kind
 
 
 def default_device() -> str:
-    """The device type of a new tensor (``torch.get_default_device()``)."""
-    return torch.empty(0).device.type
+    """The device of a new tensor (``torch.get_default_device()``), a CPU as
+    :data:`CPU_DEVICE`."""
+    kind = torch.empty(0).device.type
+    return CPU_DEVICE if kind == CPU else kind
+
+
+def _cpu_instruction_set() -> str:
+    """What ATen's CPU kernels were dispatched to: PyTorch's own report
+    (``torch.backends.cpu.get_cpu_capability()``, which
+    ``ATEN_CPU_CAPABILITY`` caps)."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # PyTorch < 2.1
+        return isa.instruction_set()
+    return {"AVX512": isa.AVX512, "AVX2": isa.AVX2}.get(capability, isa.OTHER)
+
+
+CPU_DEVICE = isa.cpu_device(_cpu_instruction_set())
+"""This process's CPU: the instruction set of ATen's CPU kernels."""
 
 
 def formulation(
@@ -106,15 +142,19 @@ def formulation(
         'channels_last'
     """
     del epsilon
+    device = isa.resolve(device, CPU_DEVICE)
     plan = Plan.of(shape, axes, device=device, training=training)
     if plan is None or dtype not in DTYPES or plan.empty:
         return None
     if not plan.channels_last:
         return plan.using("planes")
-    few = (
-        plan.channels < MATVEC_MAX_CHANNELS and plan.channels % MATVEC_CHANNEL_MULTIPLE
-    )
-    if training and device == CPU and few and plan.nominal_count >= MATVEC_MIN_SAMPLES:
+    rule = MATVEC.get(isa.device_isa(device)) if training else None
+    if (
+        rule
+        and plan.channels < rule.max_channels
+        and plan.channels % rule.channel_multiple
+        and plan.nominal_count >= rule.min_samples
+    ):
         return plan.using("matvec")
     if plan.rank in (4, 5) and plan.start == plan.rank - 1:
         return plan.using("channels_last")
