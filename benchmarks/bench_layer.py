@@ -74,7 +74,10 @@ from harness import (  # noqa: E402
     machine,
     markdown_table,
     memory_in_child,
+    ratio_spreads,
+    runs_in_children,
     select_backend,
+    spread_table,
     step_memory_mb,
     write_json,
 )
@@ -381,6 +384,13 @@ def parse_shapes(texts):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="fresh processes, one after another; the table gives each cell's "
+        "speed-up as the median over runs and its range (default 3)",
+    )
     parser.add_argument("--budget", type=float, default=0.03, help="s per round")
     parser.add_argument("--shapes", nargs="*", help="e.g. 32,24,24,10")
     parser.add_argument(
@@ -416,6 +426,9 @@ def main(argv=None) -> None:
         parser.error(
             f"--harness eager is defined for --backend torch; got --backend {BACKEND}"
         )
+    if args.runs > 1:
+        run_in_children(args, sys.argv[1:] if argv is None else argv)
+        return
     env = machine()
     print(f"# {env}", flush=True)
     if args.block:
@@ -472,6 +485,32 @@ def run_blocks(args, env: dict) -> None:
     payload = {"machine": env, "rounds": args.rounds, "mode": "block"}
     payload["results"] = results
     write_json(args.json, payload)
+
+
+def run_in_children(args, argv) -> None:
+    """``--runs N``: N fresh runs, then every cell's speed-up over runs."""
+    argv = list(argv)
+    for flag in ("--runs", "--json"):  # the children's own
+        while flag in argv:
+            del argv[argv.index(flag) : argv.index(flag) + 2]
+    payloads = runs_in_children(__file__, argv, args.runs)
+    steps_timed = [""] if args.block else ["train", "infer"]
+    cells = ratio_spreads(payloads, list(steps.PEERS), steps_timed)
+    print(f"\n# {args.runs} runs of {args.rounds} interleaved rounds each")
+    print(f"# {payloads[0]['machine']}")
+    print(spread_table(cells, steps.PEERS))
+    keras_cells = [c for c in cells if c["peer"] == "keras"]
+    worst = min(keras_cells, key=lambda c: c["ratio"])
+    print(
+        f"\nworst speed-up over Keras 3's BN: {worst['ratio']:.2f}x "
+        f"(range {worst['low']:.2f}-{worst['high']:.2f}) at "
+        f"{tuple(worst['shape'])} ({worst['axis']}) {worst['step']}; lowest single "
+        f"run {min(c['low'] for c in keras_cells):.2f}x"
+    )
+    write_json(
+        args.json,
+        {"machine": payloads[0]["machine"], "runs": payloads, "cells": cells},
+    )
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ def machine() -> dict:
         "backend": keras.backend.backend(),
         "malloc": {k: os.environ[k] for k in WARM_HEAP if k in os.environ}
         or "glibc defaults",
+        **instruction_sets(),
     }
     for package in ("tensorflow", "jax", "torch", "flax", "tf-keras"):
         try:
@@ -211,23 +212,94 @@ WARM_HEAP = {
 }
 
 
+# Environment caps of ``--isa avx2``: each framework computes with AVX2 (and
+# FMA) at most, as on a CPU without AVX-512. TensorFlow turns oneDNN off on
+# such CPUs by default (its own Eigen kernels run, built for the binary's
+# baseline); ONEDNN_MAX_CPU_ISA caps the oneDNN that PyTorch's convolutions
+# (and TensorFlow's, where it is turned on) still use; XLA compiles for AVX2;
+# ATen dispatches its AVX2 kernels.
+ISA_CAPS = {
+    "avx2": {
+        "TF_ENABLE_ONEDNN_OPTS": "0",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+    },
+}
+
+
+def isa_environment(isa: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with the caps of ``--isa isa`` (``"native"``: none);
+    ``XLA_FLAGS`` keeps its other flags.
+
+    Example:
+        >>> isa_environment("avx2", {"XLA_FLAGS": "--a=1"})["XLA_FLAGS"]
+        '--a=1 --xla_cpu_max_isa=AVX2'
+    """
+    env = dict(environ)
+    for key, value in ISA_CAPS.get(isa, {}).items():
+        if key == "XLA_FLAGS":
+            kept = [f for f in env.get(key, "").split() if "xla_cpu_max_isa" not in f]
+            value = " ".join([*kept, value])
+        env[key] = value
+    return env
+
+
 def select_backend(argv: Sequence[str] | None = None) -> str:
-    """Sets ``KERAS_BACKEND`` from ``--backend`` before Keras is imported.
+    """Sets ``KERAS_BACKEND`` from ``--backend`` and the caps of ``--isa``
+    before any framework is imported.
 
     The default is ``KERAS_BACKEND`` if set, else TensorFlow. Child processes
-    (``--memory``) inherit the choice through the environment. With
-    ``--warm-heap`` the script restarts itself once with :data:`WARM_HEAP` in
-    its environment (glibc reads it only at start).
+    (``--memory``) inherit the choices through the environment. With the warm
+    heap (the default; ``--no-warm-heap`` turns it off) the script restarts
+    itself once with :data:`WARM_HEAP` in its environment (glibc reads it
+    only at start).
     """
     parser = argparse.ArgumentParser(add_help=False)
     add_backend_flag(parser)
     known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     os.environ["KERAS_BACKEND"] = known.backend
+    os.environ.update(isa_environment(known.isa, os.environ))
     if known.warm_heap and any(os.environ.get(k) != v for k, v in WARM_HEAP.items()):
         os.execve(
             sys.executable, [sys.executable, *sys.argv], {**os.environ, **WARM_HEAP}
         )
     return known.backend
+
+
+def instruction_sets() -> dict[str, str]:
+    """What each imported framework computes with on the CPU, as it reports
+    it, and the device name kerasbn's formulation choices read (see
+    ``kerasbn.backends.isa``)."""
+    import keras
+
+    from kerasbn import backends
+
+    info = {"cpu flags": " ".join(_isa_flags())}
+    module = backends.current()
+    if module is not None and hasattr(module, "default_device"):
+        info["kerasbn device"] = module.default_device()
+    if "tensorflow" in sys.modules:
+        from tensorflow.python.util import _pywrap_util_port
+
+        info["tensorflow onednn"] = "on" if _pywrap_util_port.IsMklEnabled() else "off"
+    if "jax" in sys.modules:
+        info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    if "torch" in sys.modules:
+        import torch
+
+        info["torch cpu capability"] = torch.backends.cpu.get_cpu_capability()
+    info["onednn max cpu isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "all")
+    del keras
+    return info
+
+
+def _isa_flags() -> list[str]:
+    """The CPU's AVX2/FMA/AVX-512 foundation flags."""
+    from kerasbn.backends import isa
+
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq")
+    return [flag for flag in wanted if flag in isa.cpu_flags()]
 
 
 def add_backend_flag(parser) -> None:
@@ -240,6 +312,103 @@ def add_backend_flag(parser) -> None:
     )
     parser.add_argument(
         "--warm-heap",
-        action="store_true",
-        help="run with glibc malloc keeping freed memory mapped (see harness.WARM_HEAP)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run with glibc malloc keeping freed memory mapped (see "
+        "harness.WARM_HEAP; on by default: freed blocks otherwise fault their "
+        "pages in again, a cost that swings from run to run)",
+    )
+    parser.add_argument(
+        "--isa",
+        choices=("native", *ISA_CAPS),
+        default="native",
+        help="cap every framework at this instruction set (see harness.ISA_CAPS); "
+        "native: what the CPU has",
+    )
+
+
+def runs_in_children(script: str, argv: Sequence[str], runs: int) -> list[dict]:
+    """Runs ``script *argv --runs 1 --json FILE`` ``runs`` times, each in a fresh
+    process (its own heap, compilation and thread pools), one after another;
+    returns each run's JSON payload. A child's output streams through."""
+    import tempfile
+
+    payloads = []
+    with tempfile.TemporaryDirectory() as folder:
+        for run in range(runs):
+            path = os.path.join(folder, f"run{run}.json")
+            print(f"# run {run + 1} of {runs}", flush=True)
+            subprocess.run(
+                [sys.executable, script, *argv, "--runs", "1", "--json", path],
+                check=True,
+            )
+            with open(path) as f:
+                payloads.append(json.load(f))
+    return payloads
+
+
+def ratio_spreads(
+    payloads: Sequence[dict], peers: Sequence[str], steps: Sequence[str]
+) -> list[dict]:
+    """kerasbn's speed-up over each peer in every cell, over runs.
+
+    Each payload's ``results`` hold a ``median_s`` per contender (keyed
+    ``"<step>/<name>"``, or ``"<name>"`` for the step ``""``). A cell's
+    ``ratio`` is the median over runs of ``peer time / kerasbn time``,
+    ``low`` and ``high`` its range, and it ``counts`` only where the range
+    (its spread) is below the gap the ratio claims, ``|ratio - 1|``.
+
+    Example:
+        >>> runs = [{"results": [{"shape": [2], "axis": -1, "median_s":
+        ...     {"kerasbn": 1.0, "keras": t}}]} for t in (1.5, 1.6, 1.4)]
+        >>> cell = ratio_spreads(runs, ["keras"], [""])[0]
+        >>> cell["ratio"], cell["low"], cell["high"], cell["counts"]
+        (1.5, 1.4, 1.6, True)
+    """
+    cells = []
+    for index, first in enumerate(payloads[0]["results"]):
+        for step in steps:
+            prefix = f"{step}/" if step else ""
+            for peer in peers:
+                ratios = [
+                    p["results"][index]["median_s"][prefix + peer]
+                    / p["results"][index]["median_s"][prefix + "kerasbn"]
+                    for p in payloads
+                    if prefix + peer in p["results"][index]["median_s"]
+                ]
+                if not ratios:
+                    continue
+                ratio = statistics.median(ratios)
+                low, high = min(ratios), max(ratios)
+                cells.append(
+                    {
+                        "shape": first["shape"],
+                        "axis": first["axis"],
+                        "step": step or "block",
+                        "peer": peer,
+                        "ratio": round(ratio, 4),
+                        "low": round(low, 4),
+                        "high": round(high, 4),
+                        "counts": high - low < abs(ratio - 1),
+                        "runs": ratios,
+                    }
+                )
+    return cells
+
+
+def spread_table(cells: Sequence[dict], labels: Mapping[str, str]) -> str:
+    """The cells of :func:`ratio_spreads` as a Markdown table: a ratio that
+    does not count (its spread reaches past its gap) is marked ``~``."""
+    rows = [
+        [
+            f"{tuple(c['shape'])} ({c['axis']})",
+            c["step"],
+            f"vs {labels.get(c['peer'], c['peer'])}",
+            f"{'' if c['counts'] else '~'}{c['ratio']:.2f}x",
+            f"{c['low']:.2f}-{c['high']:.2f}",
+        ]
+        for c in cells
+    ]
+    return markdown_table(
+        ["shape (axis)", "step", "peer", "speed-up (median of runs)", "range"], rows
     )

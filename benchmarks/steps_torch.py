@@ -192,7 +192,8 @@ def formulation(shape, axis: int) -> str:
     """How kerasbn computes a float32 train step of this shape: its backend
     module's formulation, or ``"generic"`` (:mod:`kerasbn.formulas`)."""
     axes = [a for a in range(len(shape)) if a != axis % len(shape)]
-    plan = backends.formulation(shape, axes, device=DEVICE.type)
+    device = backends.current().device(torch.empty(0, device=DEVICE))
+    plan = backends.formulation(shape, axes, device=device)
     return "generic" if plan is None else plan.formulation
 
 
