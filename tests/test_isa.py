@@ -116,9 +116,7 @@ def test_each_framework_reports_the_avx2_cap_and_kerasbn_reads_it():
         assert isa.device_isa(native["device"]) == native["framework"].lower()
     else:
         assert isa.device_isa(native["device"]) == isa.instruction_set(
-            os.environ.get("ONEDNN_MAX_CPU_ISA")
-            if BACKEND == "tensorflow"
-            else None
+            os.environ.get("ONEDNN_MAX_CPU_ISA") if BACKEND == "tensorflow" else None
         )
     if BACKEND == "tensorflow":  # ":onednn" exactly where TensorFlow says so
         assert isa.uses(native["device"], isa.ONEDNN) == native["framework"]
