@@ -385,6 +385,7 @@ def ratio_spreads(
                         "shape": first["shape"],
                         "axis": first["axis"],
                         "step": step or "block",
+                        "formulation": first.get("formulation", ""),
                         "peer": peer,
                         "ratio": round(ratio, 4),
                         "low": round(low, 4),
@@ -401,7 +402,8 @@ def spread_table(cells: Sequence[dict], labels: Mapping[str, str]) -> str:
     does not count (its spread reaches past its gap) is marked ``~``."""
     rows = [
         [
-            f"{tuple(c['shape'])} ({c['axis']})",
+            f"{tuple(c['shape'])} ({c['axis']})"
+            + (f" [{c['formulation']}]" if c.get("formulation") else ""),
             c["step"],
             f"vs {labels.get(c['peer'], c['peer'])}",
             f"{'' if c['counts'] else '~'}{c['ratio']:.2f}x",
