@@ -476,7 +476,8 @@ def run_blocks(args, env: dict) -> None:
         try:
             results.append(measure_block(shape, axis, args.rounds, args.budget))
         except Exception as error:  # e.g. no NCHW convolution without oneDNN
-            reason = str(error).strip().splitlines()[0][:200]
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            reason = next((line for line in lines if "support" in line), lines[0])
             print(f"block {tuple(shape)} axis={axis}: skipped: {reason}", flush=True)
             continue
         medians = results[-1]["median_s"]
