@@ -49,8 +49,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from kerasbn import _isa as isa
 from kerasbn import formulas
-from kerasbn.backends import isa
 from kerasbn.backends.plan import CPU, KERNEL_FUNCTIONS, Plan, channel_vector
 
 __all__ = [

@@ -48,8 +48,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from kerasbn import _isa as isa
 from kerasbn import formulas
-from kerasbn.backends import isa
 from kerasbn.backends.plan import CPU, KERNEL_FUNCTIONS, Plan, channel_vector
 
 __all__ = [
