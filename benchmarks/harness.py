@@ -270,7 +270,7 @@ def select_backend(argv: Sequence[str] | None = None) -> str:
 def instruction_sets() -> dict[str, str]:
     """What each imported framework computes with on the CPU, as it reports
     it, and the device name kerasbn's formulation choices read (see
-    ``kerasbn.backends.isa``)."""
+    ``kerasbn._isa``)."""
     import keras
 
     from kerasbn import backends
@@ -296,7 +296,7 @@ def instruction_sets() -> dict[str, str]:
 
 def _isa_flags() -> list[str]:
     """The CPU's AVX2/FMA/AVX-512 foundation flags."""
-    from kerasbn.backends import isa
+    from kerasbn import _isa as isa
 
     wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq")
     return [flag for flag in wanted if flag in isa.cpu_flags()]

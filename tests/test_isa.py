@@ -1,6 +1,6 @@
 """The instruction set each framework computes with, and the CPU choices that
 read it: what a framework reports, what its caps change, and each backend's
-rules per instruction set (``kerasbn.backends.isa``)."""
+rules per instruction set (``kerasbn._isa``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from kerasbn.backends import isa
+from kerasbn import _isa as isa
 from tests.conftest import BACKEND
 
 AVX512_FLAGS = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}

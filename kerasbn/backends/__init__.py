@@ -1,10 +1,9 @@
 """Backend fast paths and distribution engines: one contract, one selector.
 
-The backend module ``kerasbn.backends.<keras.backend.backend()>``, where one
-exists, implements all of :class:`Kernels`; this module, its only caller,
-imports it once, asks it for one :class:`~kerasbn.backends.plan.Plan` per call
-and hands the plan to its kernel, or calls :mod:`kerasbn.formulas` where there
-is no plan. The layer calls the functions below and nothing else of a backend.
+``kerasbn.backends.<keras.backend.backend()>``, where it exists, implements
+:class:`Kernels`. This module, its only caller, asks it for a
+:class:`~kerasbn.backends.plan.Plan` per call and hands the plan to its kernel,
+else calls :mod:`kerasbn.formulas`. The layer reaches a backend only through it.
 """
 
 from __future__ import annotations
@@ -70,40 +69,35 @@ class Kernels(Protocol):
         measured on one device applies on that device only."""
 
     def batch_normalize(self, x, plan: Plan, gamma, beta, epsilon: float):
-        """Training: ``(y, mean, variance)`` as
-        :func:`kerasbn.formulas.batch_normalize`, as ``plan`` says."""
+        """``(y, mean, variance)`` as :func:`kerasbn.formulas.batch_normalize`."""
 
     def normalize(self, x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
         """Inference: ``y`` as :func:`kerasbn.formulas.normalize`, as ``plan``
         (made with ``training=False``) says."""
 
     def all_finite(self, first, *others):
-        """A scalar boolean tensor: :func:`kerasbn.formulas.all_finite`,
-        reduced as this framework's compiler does best."""
+        """A scalar boolean: :func:`kerasbn.formulas.all_finite`, computed fastest."""
 
     # The distribution engine.
     def global_moments(self, local: Moments) -> Moments:
-        """The moments of the global batch, merged with
-        :func:`kerasbn.formulas.combine_moments` over the framework's
-        collectives; ``local`` where nothing is distributed."""
+        """The global batch's moments by :func:`kerasbn.formulas.combine_moments` over
+        the collectives, the same on every replica, gradients reaching each one's
+        inputs; ``local`` where nothing is distributed."""
 
     def assert_divisible(self, x, group_size: int, message: str):
         """``x``, checked in the graph to have a batch size that ``group_size``
         divides, where the framework can check a dynamic size; else ``x``."""
 
     def gather_workers(self, array, variable=None):
-        """Every worker's float64 NumPy ``array``, stacked in rank order, bit for
-        bit, over the engine's workers (processes); ``array[None]`` where
-        nothing is distributed. ``variable`` is a model variable by which an
-        engine may find its strategy, or None."""
+        """Every worker's float64 NumPy ``array`` (same shape on each), stacked in
+        rank order, bit for bit; ``array[None]`` where nothing is distributed.
+        ``variable``: a model variable by which to find a strategy, or None."""
 
     def replicas_in_sync(self) -> int:
         """The replicas that Keras divides a loss by in the current scope."""
 
-    # The tools' passes.
     def jit(self, function):
-        """``function`` compiled where that serves a pass of the tools over
-        many batches, else ``function`` itself."""
+        """``function`` compiled where that serves the tools' passes, else itself."""
 
 
 _LOADED: dict[str, Kernels | None] = {}
@@ -129,8 +123,8 @@ def formulation(
     training: bool = True,
     device: str | None = None,
 ) -> Plan | None:
-    """The active backend's :meth:`Kernels.formulation` (``device`` by default
-    the backend's default device); None without a backend module.
+    """The backend's :meth:`Kernels.formulation` (``device`` by default its default
+    device); None without a backend module.
 
     Example:
         >>> p = formulation((32, 100), [0])
@@ -175,8 +169,8 @@ def plan(x, axes: Sequence[int], mask=None, *, epsilon: float, training: bool):
 
 
 def batch_normalize(x, axes: Sequence[int], gamma, beta, epsilon: float, mask=None):
-    """Training-mode BN: the backend's kernel where it has a plan, else
-    :func:`kerasbn.formulas.batch_normalize` (same arguments and results).
+    """Training BN: the backend's kernel where it has a plan, else
+    :func:`kerasbn.formulas.batch_normalize`.
 
     Example:
         >>> x = keras.ops.array([[0.0], [2.0]])
@@ -191,14 +185,13 @@ def batch_normalize(x, axes: Sequence[int], gamma, beta, epsilon: float, mask=No
 
 
 def normalize(x, axes: Sequence[int], mean, variance, gamma, beta, epsilon: float):
-    """Inference-mode BN over ``axes``: the backend's kernel where it has a
-    plan, else :func:`kerasbn.formulas.normalize` (same arguments).
+    """Inference BN over ``axes``: the backend's kernel where it has a plan, else
+    :func:`kerasbn.formulas.normalize`.
 
     Example:
         >>> x, one = keras.ops.array([[0.0], [2.0]]), keras.ops.ones((1, 1))
-        >>> keras.ops.convert_to_numpy(normalize(x, [0], one, one, None, None, 0.0))
-        array([[-1.],
-               [ 1.]], dtype=float32)
+        >>> keras.ops.convert_to_numpy(normalize(x, [0], one, one, None, None, 0.0)).tolist()
+        [[-1.0], [1.0]]
     """
     chosen = plan(x, axes, epsilon=epsilon, training=False)
     if chosen is None:
@@ -220,8 +213,7 @@ def all_finite(first, *others):
 
 
 def global_moments(local: Moments) -> Moments:
-    """The moments of the global batch, merged from this replica's ``local``
-    ones over the backend's engine; ``local`` where nothing is distributed.
+    """The backend's :meth:`Kernels.global_moments`; ``local`` without one.
 
     Example:
         >>> m = formulas.sufficient_moments(keras.ops.ones((2, 3)), [0])
@@ -233,21 +225,7 @@ def global_moments(local: Moments) -> Moments:
 
 
 def gather_workers(array, variable=None):
-    """Every worker's float64 NumPy ``array``, stacked in rank order, bit for bit.
-
-    The workers are those of the backend's engine: the processes of a
-    ``tf.distribute`` strategy (the one in scope, else the one holding
-    ``variable``), of ``jax.distributed``, or of a ``torch.distributed``
-    process group. Every worker must call it with an array of the same shape.
-
-    Args:
-        array: this worker's array.
-        variable: a Keras variable of the model (TensorFlow finds the
-            strategy that holds it), or None.
-
-    Returns:
-        ``(workers, *array.shape)`` float64; ``array[None]`` where nothing is
-        distributed.
+    """The backend's :meth:`Kernels.gather_workers`; ``array[None]`` without one.
 
     Example:
         >>> gather_workers(np.ones(2)).tolist()  # one process
@@ -260,13 +238,7 @@ def gather_workers(array, variable=None):
 
 
 def jit(function):
-    """``function`` compiled by the backend, where that serves the tools' passes.
-
-    JAX: ``jax.jit`` in one process (op-by-op JAX compiles every op of a
-    model at its first call, many times slower than compiling the model
-    once); with several ``jax.distributed`` processes, each running on its
-    own data, ``function`` itself. TensorFlow and PyTorch: ``function``
-    itself, run eagerly (their eager ops need no compiling).
+    """The backend's :meth:`Kernels.jit`; ``function`` itself without one.
 
     Example:
         >>> int(jit(abs)(-2))
@@ -277,10 +249,7 @@ def jit(function):
 
 
 def replicas_in_sync() -> int:
-    """The replicas that Keras divides a loss by in the current scope.
-
-    The ``tf.distribute`` strategy's ``num_replicas_in_sync`` in its scope on
-    TensorFlow; 1 elsewhere (JAX and PyTorch do not scale losses).
+    """The backend's :meth:`Kernels.replicas_in_sync`; 1 without one.
 
     Example:
         >>> replicas_in_sync()

@@ -1,40 +1,29 @@
-"""The JAX kernels: one ``jax.custom_vjp`` per training call, and SPMD statistics.
+"""JAX kernels: one ``jax.custom_vjp`` per training call; SPMD statistics.
 
-A training call views the input, at no cost, as ``(outer, C, inner)`` and
-computes what :mod:`kerasbn.formulas` computes in the fewest passes over
-memory: forward, the sums of ``d = x - shift`` and ``d * d``, then ``y = d *
-scale + bias``; backward, the sums of ``dy`` and ``dy * d``, then ``dx``
-(:func:`~kerasbn.formulas.backward_coefficients`). All of it is plain HLO in
-the train step's program, which XLA fuses with the layer's neighbours.
+A training call views the input as ``(outer, C, inner)`` at no cost and computes
+:mod:`kerasbn.formulas` in the fewest passes, as plain HLO that XLA fuses with
+the layer's neighbours. :func:`formulation` picks the statistics: ``"shifted"``
+(of ``x`` minus its first sample, which XLA's CPU reductions materialize) or, for
+large static inputs on a CPU, ``"rough"``: unshifted, a ``lax.cond`` taking the
+shifted ones where a mean lies beyond ``ROUGH_MAX_MEAN_SPREADS`` spreads from
+zero. Outputs are float32 (float64 for float64); ``dx`` has ``x``'s dtype.
+Inference is :func:`kerasbn.formulas.normalize`. Declined: a mask, non-floating
+inputs, channel axes that are not adjacent, an unknown size, no reduction axis,
+an empty batch.
 
-The statistics are (:func:`formulation`) ``"shifted"``: the shift is the
-first sample, and XLA's CPU reductions, which do not fuse a broadcast
-subtraction, materialize ``d``; or ``"rough"`` (large static inputs on the
-CPU, where the saving was measured): the shift is 0, and a ``lax.cond``
-switches to the shifted statistics, and the backward pass with them, where
-some channel's mean lies more than ``ROUGH_MAX_MEAN_SPREADS`` standard
-deviations from zero (:func:`~kerasbn.formulas.far_from_zero`). On small
-inputs the ``lax.cond`` costs more than it saves, hence ``ROUGH_MIN_ELEMENTS``.
-
-Outputs are float32 (float64 for float64 inputs); ``dx`` has ``x``'s dtype.
-Inference is :func:`kerasbn.formulas.normalize`: one fused multiply-add.
-Declined: a mask, non-floating inputs, channel axes that are not adjacent,
-an unknown dimension, no reduction axis, an empty batch.
-
-**Synchronized statistics.** Under ``keras.distribution`` (also across
-``jax.distributed`` processes) Keras's JAX trainer compiles one SPMD program
-for the device mesh, in which a reduction over the sharded batch is one over
-the global batch: the moments are global already (:func:`global_moments`),
-whatever ``synchronized`` says. Not covered: a layer called by hand inside
-``jax.pmap`` or ``shard_map`` (the axis name to merge over is not known).
+Under ``keras.distribution`` (also across ``jax.distributed`` processes) the
+trainer compiles one SPMD program, whose reductions over the sharded batch are
+global. Not covered: a layer called by hand in ``jax.pmap`` or ``shard_map``
+(the axis name to merge over is unknown).
 
 Example:
     >>> import jax.numpy as jnp
-    >>> x = jnp.zeros((8, 4, 4, 3)) + 1.0
-    >>> plan = formulation(x.shape, [0, 1, 2])
-    >>> y, mean, var = batch_normalize(x, plan, None, None, 1e-3)
-    >>> plan.formulation, y.shape, mean.shape, float(mean[0, 0, 0, 0])
-    ('shifted', (8, 4, 4, 3), (1, 1, 1, 3), 1.0)
+    >>> [formulation(s, [0, 1, 2]).formulation for s in [(32, 56, 56, 64), (8, 4, 4, 3)]]
+    ['rough', 'shifted']
+    >>> x = jnp.ones((8, 4, 4, 3))
+    >>> y, mean, var = batch_normalize(x, formulation(x.shape, [0, 1, 2]), None, None, 0.0)
+    >>> y.shape, mean.shape, float(mean[0, 0, 0, 0])
+    ((8, 4, 4, 3), (1, 1, 1, 3), 1.0)
 """
 
 from __future__ import annotations
@@ -48,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kerasbn import _isa as isa
 from kerasbn import formulas
-from kerasbn.backends import isa
 from kerasbn.backends.plan import CPU, KERNEL_FUNCTIONS, Plan, channel_vector
 
 __all__ = [
@@ -64,26 +53,25 @@ __all__ = [
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 ROUGH_MIN_ELEMENTS = {isa.AVX512: 1 << 20, isa.AVX2: 1 << 20}
-"""Per instruction set it was measured on, the size from which the rough
-statistics serve; below it, and on other CPUs, the shifted ones."""
+"""Measured per instruction set (``benchmarks/README.md``): the size from which
+``"rough"`` serves (its cond costs more on small inputs); below, and on
+unmeasured CPUs, ``"shifted"``, never slower than Keras's BN."""
 ROUGH_MAX_MEAN_SPREADS = 3.0
-"""Unshifted sums keep float32 precision (a relative error of the variance of
-about ``(1 + 3**2) * eps``) while every mean lies within 3 spreads of zero."""
+"""Within it, unshifted sums give the variance ~``(1 + 3**2) * eps`` relative error."""
 GUARD_LANES = 32  # XLA's CPU runtime splits a longer reduction in two kernels
 
 _XP = formulas.Namespace(jnp, rsqrt=jax.lax.rsqrt)
 
 
 def device(x) -> str | None:
-    """JAX's default platform, where Keras computes; None without a shape."""
+    """JAX's default platform; None without a shape."""
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
         return None
     return default_device()
 
 
 def default_device() -> str:
-    """``jax.default_backend()`` (``"gpu"``, ``"tpu"``...), a CPU as
-    :data:`CPU_DEVICE`."""
+    """``jax.default_backend()``, a CPU as :data:`CPU_DEVICE`."""
     platform = jax.default_backend()
     return CPU_DEVICE if platform == CPU else platform
 
@@ -95,8 +83,7 @@ def xla_cpu_max_isa() -> str | None:
 
 
 CPU_DEVICE = isa.cpu_device(isa.instruction_set(xla_cpu_max_isa()))
-"""This process's CPU: the instruction set XLA compiles for (the CPU's,
-capped by ``--xla_cpu_max_isa``)."""
+"""This process's CPU: its instruction set, capped by ``--xla_cpu_max_isa``."""
 
 
 def formulation(
@@ -108,17 +95,7 @@ def formulation(
     training: bool = True,
     device: str = CPU,
 ) -> Plan | None:
-    """The plan of a call (see :class:`kerasbn.backends.Kernels`):
-    ``"shifted"`` or ``"rough"`` in training, ``"affine"`` in inference.
-
-    Example:
-        >>> formulation((32, 56, 56, 64), [0, 1, 2]).formulation
-        'rough'
-        >>> formulation((32, 56, 56, 64), [0, 1, 2], device="gpu").formulation
-        'shifted'
-        >>> formulation((4, 5, 6), [1]) is None  # channel axes 0 and 2
-        True
-    """
+    """:meth:`kerasbn.backends.Kernels.formulation`; ``"affine"`` in inference."""
     del epsilon
     device = isa.resolve(device, CPU_DEVICE)
     plan = Plan.of(shape, axes, device=device, training=training)
@@ -131,10 +108,8 @@ def formulation(
     return plan.using("rough" if rough else "shifted")
 
 
-# ------------------------------------------------------------------- the view
 def _view(plan: Plan) -> tuple[tuple, tuple[int, ...], tuple]:
-    """``(shape, reduction axes, vector shape)`` of the view ``(outer, C,
-    inner)`` without size-1 ends: reductions over contiguous axes."""
+    """The view ``(outer, C, inner)`` less size-1 ends: shape, reduced axes, vector."""
     if plan.inner == 1:
         shape, axes = (plan.outer, plan.channels), (0,)
     elif plan.outer == 1:
@@ -148,7 +123,6 @@ def _sum(t, plan: Plan):
     return jnp.sum(t, _view(plan)[1], keepdims=True)
 
 
-# ------------------------------------------------------------------- training
 def _statistics(x, plan: Plan):
     """``(shift, offset, variance, far)`` of the view ``x``."""
     n = plan.count
@@ -222,15 +196,7 @@ def _vector(value, plan: Plan, dtype, default: float):
 
 
 def batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
-    """Training-mode BN of ``x`` as ``plan`` says: ``(y, mean, variance)`` as
-    :func:`kerasbn.formulas.batch_normalize` returns them.
-
-    Example:
-        >>> x = jnp.array([[0.0], [2.0]])
-        >>> y, mean, var = batch_normalize(x, formulation(x.shape, [0]), None, None, 0.0)
-        >>> [float(v) for v in (y[0, 0], y[1, 0], mean[0, 0], var[0, 0])]
-        [-1.0, 1.0, 1.0, 1.0]
-    """
+    """:meth:`kerasbn.backends.Kernels.batch_normalize`."""
     x = jnp.asarray(x)
     dtype = formulas.statistics_dtype(x.dtype)
     y, mean, variance = _batch_norm(
@@ -247,34 +213,15 @@ def batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
     )
 
 
-# ------------------------------------------------------------------ inference
 def normalize(x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
-    """Inference-mode BN: :func:`kerasbn.formulas.normalize` itself.
-
-    Example:
-        >>> x = jnp.array([[0.0], [2.0]])
-        >>> plan = formulation(x.shape, [0], training=False)
-        >>> y = normalize(x, plan, 1.0, 1.0, None, None, 0.0)
-        >>> [float(v) for v in y.ravel()]
-        [-1.0, 1.0]
-    """
+    """:func:`kerasbn.formulas.normalize` itself: one fused multiply-add."""
     del plan
     return formulas.normalize(x, mean, variance, gamma, beta, epsilon)
 
 
-# ------------------------------------------------------ non-finite guard
 def all_finite(first, *others):
-    """A scalar boolean: every element of every array is finite.
-
-    :func:`kerasbn.formulas.finite_probe` times 0 sums to 0 exactly when all
-    are; summed to ``GUARD_LANES`` partial sums (one reduce, fused with the
-    probe) that are added as scalars (fused into the consumer): one kernel
-    where a plain reduction takes three.
-
-    Example:
-        >>> bool(all_finite(jnp.ones(40), jnp.zeros(40))), bool(all_finite(jnp.array([jnp.inf])))
-        (True, False)
-    """
+    """``finite_probe(...) * 0`` sums to 0 iff all is finite: ``GUARD_LANES`` partial
+    sums added as scalars are one kernel, where a plain reduction takes three."""
     probe = formulas.finite_probe(jnp.asarray(first), *(jnp.asarray(t) for t in others))
     probe = jnp.ravel(probe * 0.0)
     size = probe.shape[0]
@@ -288,15 +235,8 @@ def all_finite(first, *others):
     return total == 0.0
 
 
-# ------------------------------------------------ synchronized statistics
 def global_moments(local: formulas.Moments) -> formulas.Moments:
-    """``local``: under SPMD the moments are global already.
-
-    Example:
-        >>> m = formulas.sufficient_moments(jnp.ones((2, 3)), [0])
-        >>> global_moments(m) is m
-        True
-    """
+    """``local``: under SPMD the moments are global already."""
     return local
 
 
@@ -306,28 +246,9 @@ def assert_divisible(x, group_size: int, message: str):
     return x
 
 
-# ------------------------------------------------ host-side worker gather
 def gather_workers(array: np.ndarray, variable=None) -> np.ndarray:
-    """Every process's float64 ``array``, stacked in process order, bit for bit.
-
-    With several JAX processes (``jax.distributed``), one
-    ``multihost_utils.process_allgather`` brings each process's array to
-    every process. The float64 values travel as their bytes (viewed as
-    uint32), so that JAX without x64 does not round them to float32. With one
-    process, ``array[None]``. Every process must call it, with arrays of the
-    same shape.
-
-    Args:
-        array: this process's array.
-        variable: unused (the processes are JAX's own).
-
-    Returns:
-        ``(processes, *array.shape)`` float64.
-
-    Example:
-        >>> gather_workers(np.arange(3.0)).shape  # one process
-        (1, 3)
-    """
+    """:meth:`kerasbn.backends.Kernels.gather_workers` over ``jax.distributed``'s
+    processes, the float64 bytes sent as uint32 (JAX without x64 would round)."""
     array = np.ascontiguousarray(array, np.float64)
     if jax.process_count() == 1:
         return array[np.newaxis]
@@ -340,25 +261,11 @@ def gather_workers(array: np.ndarray, variable=None) -> np.ndarray:
 
 
 def jit(function):
-    """``jax.jit(function)`` in one process; ``function`` itself with several.
-
-    The tools' statistics pass runs every process on its own data. A compiled
-    function would take that host data for one value replicated over every
-    process's devices, which it is not; op by op, each process computes on
-    its own.
-
-    Example:
-        >>> float(jit(lambda x: x + 1)(jnp.float32(1)))
-        2.0
-    """
+    """``jax.jit(function)`` in one process (op-by-op JAX compiles every op); with
+    several, ``function``: compiled, it would take each process's data as shared."""
     return jax.jit(function) if jax.process_count() == 1 else function
 
 
 def replicas_in_sync() -> int:
-    """1: Keras's JAX trainer does not scale a loss by the replicas.
-
-    Example:
-        >>> replicas_in_sync()
-        1
-    """
+    """1: Keras's JAX trainer does not scale a loss by the replicas."""
     return 1

@@ -1,12 +1,9 @@
 """How a fast path sees one call: the channel view and the formulation, decided once.
 
-A backend's ``formulation(shape, axes, ...)`` returns a :class:`Plan`, or None
-where its fast path declines the call. Every fast path views the input as
-``(outer, channels, inner)``, so the channel axes (those not reduced) must be
-adjacent and of known size (:meth:`Plan.of`). A plan holds static facts only
-(shape, axes, device, training), never a tensor's value or a symbolic size
-compared with a number, so exporters and compilers trace the choice as they
-trace Keras's own BN. Framework-free: backends, tests and benchmarks share it.
+Every fast path views the input as ``(outer, channels, inner)``: the channel axes
+must be adjacent and of known size (:meth:`Plan.of`). A plan holds static facts
+only, never a tensor's value or a symbolic size compared with a number, so
+exporters and compilers trace the choice as they trace Keras's own BN.
 """
 
 from __future__ import annotations
@@ -23,27 +20,21 @@ KERNEL_FUNCTIONS = (
     *("all_finite", "global_moments", "assert_divisible", "gather_workers"),
     *("replicas_in_sync", "jit"),
 )
-"""The functions every backend module defines: the members of
-:class:`kerasbn.backends.Kernels`, whose docstrings state their contracts."""
+"""The functions of every backend module: :class:`kerasbn.backends.Kernels`."""
 
 NOMINAL_DIM = 32
 """Stands for an unknown or symbolic size where a choice depends on a size."""
 
 CPU = "cpu"
-"""The CPU's device type. A ``device`` is the lower-case type of device a call
-runs on (``"cpu"``, ``"gpu"``, ``"cuda"``...); a choice measured on a CPU
-applies on ``CPU`` only."""
+"""The CPU's device type (a device is a lower-case type: ``"gpu"``, ``"cuda"``...)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A call's view ``(outer, channels, inner)`` and how it is computed.
-
-    Hashable and static: JAX takes it as a static argument.
+    """A call's view ``(outer, channels, inner)`` and how it is computed; hashable.
 
     Attributes:
-        shape: the input's static shape: ints, None (unknown) or a
-            framework's symbolic sizes.
+        shape: the input's static shape: ints, None or symbolic sizes.
         start, stop: the channel axes are ``start .. stop - 1``.
         formulation: the backend's name for how the call is computed.
         device: the device type the call runs on (see :data:`CPU`).
@@ -66,9 +57,8 @@ class Plan:
 
     @classmethod
     def of(cls, shape: Sequence, axes: Sequence[int], **fields) -> Plan | None:
-        """The plan of an input of ``shape`` reduced over ``axes``, with the
-        other attributes from ``fields``; None where nothing is reduced,
-        nothing is left, or the channel axes are not adjacent or not known."""
+        """The plan of ``shape`` reduced over ``axes``, or None where nothing is
+        reduced or left, or the channel axes are not adjacent or not known."""
         shape = tuple(shape)
         reduced = {a % len(shape) for a in axes}
         channel_axes = [a for a in range(len(shape)) if a not in reduced]
@@ -111,8 +101,7 @@ class Plan:
 
     @property
     def nominal_count(self) -> int:
-        """Values per channel, an unknown or symbolic size counting as
-        :data:`NOMINAL_DIM`: a plain int to compare with thresholds."""
+        """Values per channel, unknown and symbolic sizes as :data:`NOMINAL_DIM`."""
         sizes = self.shape[: self.start] + self.shape[self.stop :]
         return math.prod(d if isinstance(d, int) else NOMINAL_DIM for d in sizes)
 
@@ -123,8 +112,7 @@ class Plan:
 
     @property
     def known_outer(self) -> int:
-        """The product of the known sizes before the channel axes: the rows of
-        a channels-last input are a multiple of it."""
+        """The product of the known sizes before the channel axes."""
         return math.prod(d for d in self.shape[: self.start] if isinstance(d, int))
 
     @property
@@ -134,8 +122,7 @@ class Plan:
 
     @property
     def empty(self) -> bool:
-        """Whether a known size is 0 (symbolic sizes are not compared: that
-        would add a guard to a trace)."""
+        """Whether a known size is 0 (comparing a symbolic one adds a guard)."""
         return any(isinstance(d, int) and d == 0 for d in self.shape)
 
     @property
@@ -155,18 +142,9 @@ def _product(sizes: Sequence):
 
 
 def channel_vector(value, plan: Plan, xp, shape: Sequence[int] | None = None):
-    """A per-channel ``value`` broadcastable to the input, as a vector of ``shape``.
-
-    ``value`` is broadcast to :attr:`Plan.keepdims_shape` and reshaped to
-    ``shape`` (default ``(channels,)``); one of that shape already (the
-    layer's weights, for channels-last inputs) comes back as it is, with no op.
-
-    Args:
-        value: a tensor broadcastable to the statistics' shape.
-        plan: the call's plan.
-        xp: the framework's ``broadcast_to(t, shape)`` and ``reshape(t,
-            shape)`` (``jax.numpy``, ``tensorflow``, ``torch``).
-        shape: the vector's shape.
+    """``value``, broadcastable to :attr:`Plan.keepdims_shape`, as a vector of
+    ``shape`` (``(channels,)``) by ``xp.broadcast_to`` and ``xp.reshape``; one of
+    that shape already (the weights, channels last) comes back with no op.
 
     Example:
         >>> import numpy as np

@@ -1,39 +1,28 @@
-"""The TensorFlow kernels: the fused kernel or one custom gradient, and
-``tf.distribute`` statistics.
+"""TensorFlow kernels: the fused kernel or one custom gradient; ``tf.distribute``.
 
-A call is computed one of three ways, chosen from static facts
-(:func:`formulation`):
+:func:`formulation` picks, from static facts:
 
-* ``"fused"``: ``FusedBatchNormV3`` and its registered gradient (oneDNN on x86
-  CPUs, cuDNN on GPUs) on a 4-D NHWC view of a channels-last input: the
-  fewest passes over memory, but a fixed cost per step and a scalar path for
-  channel counts off a multiple of 4 on the CPU, so there only for large
-  inputs (``FUSED_THRESHOLDS``, measured on a CPU); elsewhere always. Its
-  Bessel-corrected variance is scaled back
-  (:func:`~kerasbn.formulas.biased_variance`), and where a mean lies more than
-  ``FUSED_MAX_MEAN_SPREADS`` spreads from zero, a ``tf.cond`` runs it again on
-  the input shifted by its first sample: its float32 mean's rounding, which
-  ``1 / sqrt(variance + epsilon)`` amplifies, is then gone.
-* ``"composite"``: one ``tf.custom_gradient`` of the formulas of
-  :mod:`kerasbn.formulas`: the sums of ``d = x - shift`` and ``d * d``, ``y =
-  d * scale + bias``; backward, the sums of ``dy`` and ``dy * d`` and ``dx``.
-* ``"widened"``: the composite on a channels-last input seen as ``(rows / k,
-  k * C)`` with ``k * C`` a multiple of the CPU's ``VECTOR_WIDTH``, for large
-  inputs with few channels: per-channel vectors then fill whole SIMD vectors.
+* ``"fused"``: ``FusedBatchNormV3`` and its gradient (oneDNN on x86 CPUs, cuDNN
+  on GPUs) on an NHWC view of a channels-last input: fewest passes, but a fixed
+  cost and, on a CPU, a scalar path off 4-channel multiples; so on a CPU only
+  for large inputs (:data:`CPU_RULES`). Where a mean lies beyond
+  ``FUSED_MAX_MEAN_SPREADS`` spreads from zero, a ``tf.cond`` reruns it on the
+  input minus its first sample, which removes its float32 mean's rounding.
+* ``"widened"``: else, for large inputs with few channels on a CPU, the composite
+  viewed as ``(rows / k, k * C)``, so that channels fill whole SIMD vectors.
+* ``"composite"``: else one ``tf.custom_gradient`` of :mod:`kerasbn.formulas`;
+  in inference ``"affine"``, :func:`kerasbn.formulas.normalize`.
 
-Inference takes the fused kernel or the widened view where training would,
-else :func:`kerasbn.formulas.normalize` (``"affine"``). Outputs are float32.
-Declined: a mask, float64 (the fused kernels have none) and non-floating
-inputs, channel axes that are not adjacent, an unknown rank or channel size,
-no reduction axis.
+Outputs are float32. Declined: a mask, float64 and non-floating inputs, channel
+axes that are not adjacent, an unknown rank or channel size, no reduction axis.
 
 Example:
     >>> import tensorflow as tf
-    >>> x = tf.random.normal((8, 4, 4, 3))
-    >>> plan = formulation(x.shape, [0, 1, 2])
-    >>> plan.formulation, formulation(x.shape, [0, 1, 2], dtype="float64")
-    ('composite', None)
-    >>> y, mean, var = batch_normalize(x, plan, None, None, 1e-3)
+    >>> shapes = (32, 56, 56, 64), (32, 24, 24, 10), (8, 4, 4, 3)
+    >>> [formulation(s, [0, 1, 2]).formulation for s in shapes]
+    ['fused', 'widened', 'composite']
+    >>> x = tf.random.normal(shapes[2])
+    >>> y, mean, var = batch_normalize(x, formulation(x.shape, [0, 1, 2]), None, None, 0.0)
     >>> y.shape, mean.shape
     (TensorShape([8, 4, 4, 3]), TensorShape([1, 1, 1, 3]))
 """
@@ -49,8 +38,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from kerasbn import _isa as isa
 from kerasbn import formulas
-from kerasbn.backends import isa
 from kerasbn.backends.plan import CPU, KERNEL_FUNCTIONS, Plan, channel_vector
 
 __all__ = [
@@ -69,19 +58,16 @@ DTYPES = ("float16", "bfloat16", "float32")
 FUSED_MIN_EPSILON = 1.001e-5  # cuDNN's smallest epsilon
 EAGER_CALLS = 8  # calls of a tool's pass function run eagerly before tracing it
 FUSED_MAX_MEAN_SPREADS = 100.0
-"""The fused kernel sees the input as it is while every mean lies within this
-many spreads of zero: its float32 mean's rounding does not show there."""
+"""Beyond this many spreads from zero, a mean makes the fused kernel rerun shifted."""
 
 
 @dataclasses.dataclass(frozen=True)
 class CpuRules:
-    """The formulation choices measured on one kind of CPU (see
-    ``benchmarks/README.md`` for the figures behind each).
+    """Formulation choices measured on one instruction set (``benchmarks/README.md``).
 
     Attributes:
-        fused: ``(channel multiple, fewest elements)`` pairs: the fused kernel
-            serves a channels-last input whose channels are a multiple of the
-            first and whose size reaches the second.
+        fused: ``(channel multiple, fewest elements)`` pairs from which the fused
+            kernel serves a channels-last input.
         image_rows: rows per image of the fused kernel's 4-D view.
         vector_width: float32 lanes that a widened view fills (0: none is).
         widen_min_elements: below this size nothing is widened.
@@ -101,9 +87,8 @@ CPU_RULES = {
     isa.cpu_device(isa.AVX512): _EIGEN,
     isa.cpu_device(isa.AVX2): _EIGEN,
 }
-"""The rules of each CPU they were measured on, by device name. With oneDNN
-off, TensorFlow's own kernels run code built for the binary's baseline, so
-AVX-512 and AVX2 CPUs share their rules."""
+"""The rules measured on each instruction set, oneDNN on or off, by device. Eigen
+(oneDNN off) runs the binary's baseline code, so AVX-512 and AVX2 share theirs."""
 UNMEASURED_CPU = CpuRules()
 """Any other CPU: the composite formulation, never slower than Keras's BN."""
 
@@ -112,9 +97,7 @@ _XP = formulas.Namespace(tf, rsqrt=tf.math.rsqrt)
 
 
 def device(x) -> str | None:
-    """The device ``x``'s ops run on, or None for a non-TensorFlow object:
-    the one an eager tensor names, else where TensorFlow places ops; a CPU
-    as :data:`CPU_DEVICE`."""
+    """An eager tensor's device, else where TensorFlow places ops."""
     if not tf.is_tensor(x):
         return None
     name = getattr(x, "device", "") or ""
@@ -125,14 +108,13 @@ def device(x) -> str | None:
 
 
 def default_device() -> str:
-    """``"gpu"`` where TensorFlow sees a GPU, else :data:`CPU_DEVICE`."""
+    """``"gpu"`` where TensorFlow sees one, else :data:`CPU_DEVICE`."""
     return "gpu" if tf.config.list_logical_devices("GPU") else CPU_DEVICE
 
 
 def onednn_enabled() -> bool:
-    """Whether TensorFlow computes its CPU kernels with oneDNN: its default on
-    x86 CPUs with AVX-512 VNNI, BF16 or AMX; ``TF_ENABLE_ONEDNN_OPTS`` turns
-    it on or off."""
+    """Whether TensorFlow's CPU kernels use oneDNN: its default on x86 CPUs with
+    AVX-512 VNNI, BF16 or AMX; ``TF_ENABLE_ONEDNN_OPTS`` overrides it."""
     try:
         from tensorflow.python.util import _pywrap_util_port
     except ImportError:  # the report moved: what TF_ENABLE_ONEDNN_OPTS asks
@@ -146,10 +128,8 @@ CPU_DEVICE = isa.cpu_device(
     ),
     *((isa.ONEDNN,) if onednn_enabled() else ()),
 )
-"""This process's CPU: the instruction set oneDNN computes with (the CPU's,
-capped by ``ONEDNN_MAX_CPU_ISA``), and ``":onednn"`` where oneDNN is on.
-Without oneDNN, TensorFlow's own (Eigen) kernels run code compiled for the
-binary's baseline, whatever the CPU."""
+"""This process's CPU: its instruction set, capped by ``ONEDNN_MAX_CPU_ISA``,
+and ``":onednn"`` where oneDNN is on."""
 
 
 def formulation(
@@ -161,20 +141,7 @@ def formulation(
     training: bool = True,
     device: str = CPU,
 ) -> Plan | None:
-    """The plan of a call (see :class:`kerasbn.backends.Kernels`): ``"fused"``,
-    ``"widened"``, else ``"composite"`` in training and ``"affine"`` in
-    inference; an unknown size counts as ``NOMINAL_DIM``.
-
-    Example:
-        >>> formulation((32, 56, 56, 64), [0, 1, 2]).formulation
-        'fused'
-        >>> formulation((32, 24, 24, 10), [0, 1, 2]).formulation
-        'widened'
-        >>> formulation((32, 24, 24, 10), [0, 1, 2], device="gpu").formulation
-        'fused'
-        >>> formulation((32, 64, 56, 56), [0, 2, 3], training=False).formulation
-        'affine'
-    """
+    """:meth:`kerasbn.backends.Kernels.formulation`, as the module says."""
     device = isa.resolve(device, CPU_DEVICE)
     plan = Plan.of(shape, axes, device=device, training=training)
     if plan is None or dtype not in DTYPES:
@@ -191,17 +158,14 @@ def formulation(
 
 
 def cpu_rules(device: str) -> CpuRules | None:
-    """The rules measured on the CPU ``device`` names, :data:`UNMEASURED_CPU`
-    for a CPU without measurements; None off the CPU (the fused kernel is
-    cuDNN's there)."""
+    """The CPU ``device``'s rules (:data:`UNMEASURED_CPU` if unmeasured), or None."""
     if isa.device_type(device) != CPU:
         return None
     return CPU_RULES.get(device, UNMEASURED_CPU)
 
 
 def _widening(plan: Plan) -> int:
-    """``k`` of the ``(rows / k, k * C)`` view: ``k * C`` a multiple of the
-    CPU's vector width, ``k`` dividing the rows; 1 where nothing is widened."""
+    """``k`` of the widened view (``k * C`` a multiple of the vector width); or 1."""
     rules, channels = cpu_rules(plan.device), plan.channels
     width = rules.vector_width if rules else 0
     if not width or not plan.channels_last or channels >= 4 * width:
@@ -212,21 +176,15 @@ def _widening(plan: Plan) -> int:
     return k
 
 
-# ------------------------------------------------------------------- layouts
 def _shape_of(x):
     """``x``'s shape: a list if static, else a tensor."""
     return x.shape.as_list() if x.shape.is_fully_defined() else tf.shape(x)
 
 
 class _Layout:
-    """How the composite formulation sees ``x`` and its per-channel vectors.
-
-    Unwidened, ``x`` keeps its shape; with trailing channels a vector has the
-    channels' shape (the layer's weights and their gradients need no
-    reshape), else the keepdims shape, reduced over the contiguous trailing
-    axes first. Widened by ``k``, ``x`` is ``(rows / k, k * C)`` and a vector
-    ``(C,)``, repeated ``k`` times along a row.
-    """
+    """How the composite sees ``x`` and its vectors: widened by ``k``, ``(rows / k,
+    k * C)`` and ``(C,)`` tiled ``k`` times; else ``x``'s shape and the channels'
+    (channels last: the weights need no reshape) or the keepdims shape."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
@@ -284,8 +242,7 @@ class _Layout:
         return t
 
     def first(self, xv):
-        """The first sample of each channel (0 for an empty batch): a sum over
-        a one-sample slice has the vector's static shape."""
+        """Each channel's first sample (0 if empty), summed for a static shape."""
         if self.k > 1:
             return tf.reduce_sum(xv[:1, : self.plan.channels], axis=0)
         reduced = self.outer_axes + self.inner_axes
@@ -313,17 +270,14 @@ def _fused(x4, scale, offset, mean, variance, epsilon: float, training: bool):
 
 
 def _fused_view(x, plan: Plan):
-    """Channels-last ``x`` as NHWC ``(rows / r, r, 1, C)``, ``r`` dividing the
-    CPU's ``image_rows`` (16 off the CPU)."""
+    """Channels-last ``x`` as NHWC images of ``gcd(rows, image_rows)`` rows."""
     rules = cpu_rules(plan.device) or UNMEASURED_CPU
     rows = math.gcd(plan.known_outer, rules.image_rows)
     return tf.reshape(x, [-1, rows, 1, plan.channels])
 
 
-# ------------------------------------------------------------------- training
 def _composite_batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
-    """BN of ``x`` with its own statistics as one ``tf.custom_gradient``;
-    ``(y, mean, variance)`` in the layout."""
+    """``(y, mean, variance)`` from one ``tf.custom_gradient``."""
     layout = _Layout(plan)
 
     @tf.custom_gradient
@@ -355,9 +309,7 @@ def _composite_batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
 
 
 def _fused_batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
-    """BN with the fused kernel; ``(y, mean, variance)``. The gradient is the
-    fused gradient kernel of the input the kernel saw (a shift does not change
-    it), so nothing of the ``tf.cond``'s other branch is kept."""
+    """``(y, mean, variance)`` of the fused kernels, whose gradient no shift changes."""
     x4 = _fused_view(x, plan)
 
     def fused(t, scale, offset):
@@ -416,15 +368,7 @@ def _fused_batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
 
 
 def batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
-    """Training-mode BN of ``x`` as ``plan`` says: ``(y, mean, variance)`` as
-    :func:`kerasbn.formulas.batch_normalize` returns them, in float32.
-
-    Example:
-        >>> x = tf.constant([[0.0], [2.0]])
-        >>> y, mean, var = batch_normalize(x, formulation(x.shape, [0]), None, None, 0.0)
-        >>> [round(float(v), 6) for v in (y[0, 0], y[1, 0], mean[0, 0], var[0, 0])]
-        [-1.0, 1.0, 1.0, 1.0]
-    """
+    """:meth:`kerasbn.backends.Kernels.batch_normalize`; ``y`` in float32."""
     if plan.formulation == "fused":
         y, mean, variance = _fused_batch_normalize(x, plan, gamma, beta, epsilon)
     else:
@@ -432,19 +376,8 @@ def batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
     return tf.cast(y, tf.float32), mean, variance
 
 
-# ------------------------------------------------------------------ inference
 def normalize(x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
-    """Inference-mode BN of ``x`` as ``plan`` says, as
-    :func:`kerasbn.formulas.normalize` computes it, in float32.
-
-    Example:
-        >>> x = tf.constant([[0.0], [2.0]])
-        >>> plan = formulation(x.shape, [0], training=False)
-        >>> normalize(x, plan, tf.ones((1, 1)), tf.ones((1, 1)), None, None, 0.0)
-        <tf.Tensor: shape=(2, 1), dtype=float32, numpy=
-        array([[-1.],
-               [ 1.]], dtype=float32)>
-    """
+    """:meth:`kerasbn.backends.Kernels.normalize`, in float32."""
     if plan.formulation == "fused":
         defaults = ((gamma, 1.0), (beta, 0.0), (mean, 0.0), (variance, 1.0))
         vectors = [_vector(v, plan, (plan.channels,), d) for v, d in defaults]
@@ -462,34 +395,13 @@ def normalize(x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
     return layout.restore(y, x)
 
 
-# ------------------------------------------------------ non-finite guard
 def all_finite(first, *others):
-    """A scalar boolean: ``IsFinite`` and ``All`` of
-    :func:`kerasbn.formulas.finite_probe`, one op fewer than a sum.
-
-    Example:
-        >>> bool(all_finite(tf.ones(2), tf.constant([0.0, float("inf")])))
-        False
-    """
+    """``all(isfinite(finite_probe(...)))``: one op fewer than a sum."""
     return tf.reduce_all(tf.math.is_finite(formulas.finite_probe(first, *others)))
 
 
-# ------------------------------------------------ synchronized statistics
 def global_moments(local: formulas.Moments) -> formulas.Moments:
-    """The moments of all tf.distribute replicas in sync (``local`` outside).
-
-    One ``all_gather`` (a single ``CollectiveGatherV2`` under the mirrored
-    strategies) brings every replica's moments to every replica, and
-    :func:`kerasbn.formulas.combine_moments` merges them exactly, weighted by
-    the counts: every replica gets bit-identical statistics of the global
-    batch, uneven or empty replicas included, and gradients flow back to every
-    replica's inputs. ``local``'s fields have the same shape on every replica.
-
-    Example:
-        >>> m = formulas.sufficient_moments(tf.ones((2, 3)), [0])
-        >>> global_moments(m).count.shape  # no strategy: the local moments
-        TensorShape([1, 3])
-    """
+    """:meth:`kerasbn.backends.Kernels.global_moments` by one ``all_gather``."""
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return local
@@ -502,42 +414,15 @@ def global_moments(local: formulas.Moments) -> formulas.Moments:
 
 
 def assert_divisible(x, group_size: int, message: str):
-    """``x``, after an in-graph check that its batch size divides by ``group_size``.
-
-    Example:
-        >>> assert_divisible(tf.ones((4, 2)), 2, "must divide").shape
-        TensorShape([4, 2])
-    """
+    """``x``, after an in-graph ``assert_equal`` of the batch size modulo the group."""
     check = tf.debugging.assert_equal(tf.shape(x)[0] % group_size, 0, message=message)
     with tf.control_dependencies([check]):
         return tf.identity(x)
 
 
-# ------------------------------------------------ host-side worker gather
 def gather_workers(array: np.ndarray, variable=None) -> np.ndarray:
-    """Every worker's float64 ``array``, stacked in worker order, bit for bit.
-
-    The strategy is the one in scope, else the one that holds ``variable``
-    (a Keras variable of the model). Under a strategy whose replicas span
-    several workers (``MultiWorkerMirroredStrategy``), one
-    ``strategy.gather`` brings each worker's array to every worker (every
-    local replica contributes the same copy; one per worker is kept). Under
-    a strategy of one worker (``MirroredStrategy`` over local devices), or
-    none, this process holds everything: ``array[None]``.
-
-    Every worker must call it, with arrays of the same shape.
-
-    Args:
-        array: this worker's array.
-        variable: a Keras variable of the model, or None.
-
-    Returns:
-        ``(workers, *array.shape)`` float64.
-
-    Example:
-        >>> gather_workers(np.arange(3.0)).shape  # no strategy: this worker only
-        (1, 3)
-    """
+    """:meth:`kerasbn.backends.Kernels.gather_workers`: one ``strategy.gather``
+    where the strategy spans several workers (one copy per worker kept)."""
     array = np.asarray(array, np.float64)
     strategy = _strategy(variable)
     local = len(strategy.extended.worker_devices) if strategy is not None else 1
@@ -558,34 +443,13 @@ def _strategy(variable):
 
 
 def replicas_in_sync() -> int:
-    """The replicas of the ``tf.distribute`` strategy in scope (1 outside any).
-
-    Keras divides a loss computed in a strategy's scope by this number (each
-    replica's share of the global batch's mean); the tools' statistics pass
-    multiplies it back.
-
-    Example:
-        >>> replicas_in_sync()
-        1
-    """
+    """The ``num_replicas_in_sync`` of the strategy in scope (1 outside any)."""
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def jit(function):
-    """``function`` for the tools' passes: eager for its first
-    ``EAGER_CALLS`` calls, then a ``tf.function`` with relaxed shapes (one
-    trace serves every batch size).
-
-    Tracing a model costs about as much as ``EAGER_CALLS`` eager calls of it
-    (measured with ``benchmarks/bench_diagnose.py``; the figures are in
-    ``benchmarks/README.md``), so a pass of a few batches runs eagerly and a
-    long one pays the trace once.
-
-    Example:
-        >>> increment = jit(lambda x: x + 1)
-        >>> [int(increment(tf.constant(i))) for i in range(10)][-1]
-        10
-    """
+    """Eager for ``EAGER_CALLS`` calls (about what tracing costs, measured by
+    ``benchmarks/bench_diagnose.py``), then one ``tf.function`` of relaxed shapes."""
     compiled = tf.function(function, reduce_retracing=True)
     calls = itertools.count()
 

@@ -1,40 +1,26 @@
-"""The PyTorch kernels: PyTorch's fused kernel on a view that copies nothing,
-and ``torch.distributed`` statistics.
+"""PyTorch kernels: the fused kernel on a copy-free view; ``torch.distributed``.
 
-A call is one ``torch.batch_norm`` (the ATen CPU kernels, cuDNN or MIOpen)
-with its registered autograd, on a view chosen from static facts
-(:func:`formulation`): ``"channels_last"`` (4-D and 5-D channels-last inputs
-permuted to ``(N, C, ...)``, PyTorch's ``channels_last`` memory format),
-``"rows"`` (other channels-last inputs as ``(rows, C)``), ``"planes"``
-(``(outer, C, inner)``, e.g. channels first), or, in training on the CPU,
-``"matvec"``: for few channels off the CPU kernel's vector width, where it
-runs its scalar path, the ``(rows, C)`` matrix summed by matrix-vector
-products (BLAS) in one ``autograd.Function`` of :mod:`kerasbn.formulas`.
+A call is one ``torch.batch_norm`` (ATen's CPU kernels, cuDNN or MIOpen) with its
+autograd, on the view that :func:`formulation` picks from static facts:
+``"channels_last"`` (4-D and 5-D, permuted to ``(N, C, ...)``), ``"rows"``
+``(rows, C)``, ``"planes"`` ``(outer, C, inner)``; or, in training on a CPU where
+few channels off the kernel's vector width would take its scalar path,
+``"matvec"``: ``(rows, C)`` summed by matrix-vector products of the formulas.
 
-In training the kernel sees ``x - shift`` (the first sample per channel): its
-float32 mean of a large-mean input is off by an ulp, which ``1 / sqrt(
-epsilon)`` amplifies, while the shifted input keeps a constant channel at
-exactly 0. Its running buffers, handed over with momentum 1, receive the
-batch mean and the unbiased variance, scaled back exactly
-(:func:`~kerasbn.formulas.biased_variance`; ``1 / invstd**2 - epsilon``
-would lose a variance small next to epsilon).
-
-Trace-safe: choices depend on the rank, the axes and static sizes (a
-symbolic one counts as :data:`~kerasbn.backends.plan.NOMINAL_DIM`), nothing
-is read on the host, and permutations name non-negative axes, so
-``torch.compile``, ``torch.export`` and ONNX exporters trace the call.
-Outputs are float32 (float64 for float64 inputs). Declined: a mask, what is
-not a floating ``torch.Tensor``, an empty input, channel axes that are not
-adjacent, no reduction axis; inference also leaves statistics that require a
-gradient to :func:`kerasbn.formulas.normalize`.
+In training the kernel sees ``x`` minus each channel's first sample: a constant
+channel stays exactly 0. Trace-safe: static choices (a symbolic size counts as
+:data:`~kerasbn.backends.plan.NOMINAL_DIM`), no host reads, non-negative
+permutations. Outputs are float32 (float64 for float64). Declined: a mask, what
+is not a floating ``torch.Tensor``, an empty input, non-adjacent channel axes, no
+reduction axis; in inference, statistics that require a gradient.
 
 Example:
     >>> import torch
+    >>> [formulation(*c).formulation for c in [((32, 64, 56, 56), [0, 2, 3]),
+    ...     ((32, 100), [0]), ((32, 24, 24, 10), [0, 1, 2]), ((8, 4, 4, 3), [0, 1, 2])]]
+    ['planes', 'rows', 'matvec', 'channels_last']
     >>> x = torch.randn(8, 4, 4, 3)
-    >>> plan = formulation(x.shape, [0, 1, 2])
-    >>> plan.formulation, formulation(x.shape, [0, 1, 2], dtype="int32")
-    ('channels_last', None)
-    >>> y, mean, var = batch_normalize(x, plan, None, None, 1e-3)
+    >>> y, mean, var = batch_normalize(x, formulation(x.shape, [0, 1, 2]), None, None, 0.0)
     >>> tuple(y.shape), tuple(mean.shape)
     ((8, 4, 4, 3), (1, 1, 1, 3))
 """
@@ -48,26 +34,18 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from kerasbn import _isa as isa
 from kerasbn import formulas
-from kerasbn.backends import isa
 from kerasbn.backends.plan import CPU, KERNEL_FUNCTIONS, Plan, channel_vector
 
-__all__ = [
-    *KERNEL_FUNCTIONS,
-    "CPU_DEVICE",
-    "DTYPES",
-    "MATVEC",
-    "MatVecRule",
-]
+__all__ = [*KERNEL_FUNCTIONS, "CPU_DEVICE", "DTYPES", "MATVEC", "MatVecRule"]
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 class MatVecRule(NamedTuple):
-    """When ``"matvec"`` serves a training call on one instruction set: from
-    ``min_samples`` values per channel, for fewer than ``max_channels``
-    channels that are not a multiple of ``channel_multiple`` (the CPU
-    kernel's vector width, below which it runs scalar code)."""
+    """When ``"matvec"`` serves on a measured instruction set: ``min_samples`` per
+    channel, under ``max_channels`` channels, off ``channel_multiple`` (SIMD width)."""
 
     min_samples: int
     max_channels: int
@@ -75,8 +53,8 @@ class MatVecRule(NamedTuple):
 
 
 MATVEC = {isa.AVX512: MatVecRule(4096, 32, 8), isa.AVX2: MatVecRule(4096, 32, 8)}
-"""The ``"matvec"`` rule of each instruction set it was measured on; other
-CPUs take ``torch.batch_norm``'s views."""
+"""Measured per instruction set (``benchmarks/README.md``); unmeasured CPUs take
+``torch.batch_norm``'s views, never slower than Keras's BN."""
 
 _XP = formulas.Namespace(
     torch,
@@ -86,8 +64,7 @@ _XP = formulas.Namespace(
 
 
 def device(x) -> str | None:
-    """``x.device.type`` (a CPU as :data:`CPU_DEVICE`), or None for what is
-    not a ``torch.Tensor``."""
+    """``x.device.type``, a CPU as :data:`CPU_DEVICE`."""
     if not isinstance(x, torch.Tensor):
         return None
     kind = x.device.type
@@ -95,16 +72,13 @@ def device(x) -> str | None:
 
 
 def default_device() -> str:
-    """The device of a new tensor (``torch.get_default_device()``), a CPU as
-    :data:`CPU_DEVICE`."""
+    """``torch.get_default_device()``'s type, a CPU as :data:`CPU_DEVICE`."""
     kind = torch.empty(0).device.type
     return CPU_DEVICE if kind == CPU else kind
 
 
 def _cpu_instruction_set() -> str:
-    """What ATen's CPU kernels were dispatched to: PyTorch's own report
-    (``torch.backends.cpu.get_cpu_capability()``, which
-    ``ATEN_CPU_CAPABILITY`` caps)."""
+    """ATen's kernels' instruction set, which ``ATEN_CPU_CAPABILITY`` caps."""
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except AttributeError:  # PyTorch < 2.1
@@ -125,22 +99,7 @@ def formulation(
     training: bool = True,
     device: str = CPU,
 ) -> Plan | None:
-    """The plan of a call (see :class:`kerasbn.backends.Kernels`): the view
-    the kernel takes; ``"matvec"`` in training on the CPU only, so that
-    inference makes no size-dependent choice.
-
-    Example:
-        >>> formulation((32, 56, 56, 64), [0, 1, 2]).formulation
-        'channels_last'
-        >>> formulation((32, 64, 56, 56), [0, 2, 3]).formulation
-        'planes'
-        >>> formulation((32, 100), [0]).formulation
-        'rows'
-        >>> formulation((32, 24, 24, 10), [0, 1, 2]).formulation
-        'matvec'
-        >>> formulation((32, 24, 24, 10), [0, 1, 2], device="cuda").formulation
-        'channels_last'
-    """
+    """:meth:`kerasbn.backends.Kernels.formulation`; no size decides in inference."""
     del epsilon
     device = isa.resolve(device, CPU_DEVICE)
     plan = Plan.of(shape, axes, device=device, training=training)
@@ -161,15 +120,13 @@ def formulation(
     return plan.using("rows")
 
 
-# ------------------------------------------------------------------- layouts
 def _kernel_dtype(x) -> torch.dtype:
     """float64 stays float64; everything else is computed in float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _kernel_view(x, plan: Plan):
-    """``x`` as the kernel takes it, channels at axis 1, with no copy where it
-    can (channels last is a permutation, with non-negative axes)."""
+    """``x`` as the kernel takes it (channels at axis 1), copying nothing if it can."""
     if plan.formulation == "channels_last":
         rank = x.dim()
         return x.permute(0, rank - 1, *range(1, rank - 1))
@@ -189,8 +146,7 @@ def _restore(y, x, plan: Plan):
 
 
 def _vector(value, plan: Plan, dtype, default: float | None = None):
-    """A broadcastable per-channel ``value`` as a ``(C,)`` vector of ``dtype``;
-    ``default`` (or None) where ``value`` is None."""
+    """A per-channel ``value`` as ``(C,)`` of ``dtype``; ``default`` if None."""
     if value is None:
         if default is None:
             return None
@@ -201,19 +157,15 @@ def _vector(value, plan: Plan, dtype, default: float | None = None):
 
 
 def _batch_norm(x, weight, bias, mean, variance, training, momentum, epsilon):
-    """``torch.batch_norm`` itself: without ``torch.nn.functional``'s Python
-    checks (the layer made them), and with ``epsilon=0`` allowed."""
+    """``torch.batch_norm`` without ``F.batch_norm``'s checks; ``epsilon=0`` passes."""
     cudnn = torch.backends.cudnn.enabled
     args = (x, weight, bias, mean, variance, training, momentum, epsilon, cudnn)
     return torch.batch_norm(*args)
 
 
-# ------------------------------------------------------------------- training
 class _MatVecBatchNorm(torch.autograd.Function):
-    """BN of a ``(rows, C)`` matrix, its sums matrix-vector products:
-    ``forward(x, gamma, beta, epsilon) -> (y, mean, variance)`` with ``(C,)``
-    gamma and beta. The backward pass recomputes ``d = x - shift`` rather
-    than keep a copy alive."""
+    """BN of ``(rows, C)`` by matrix-vector sums: ``(y, mean, variance)``; the
+    backward pass recomputes ``d = x - shift`` rather than keep it alive."""
 
     @staticmethod
     def forward(ctx, x, gamma, beta, epsilon):
@@ -243,8 +195,9 @@ class _MatVecBatchNorm(torch.autograd.Function):
 
 
 def _kernel_batch_normalize(xv, gamma, beta, epsilon: float, plan: Plan):
-    """``(y, mean, variance)`` of the view ``xv`` from ``torch.batch_norm``,
-    which sees ``xv - shift`` (the subtraction casts half types on the way)."""
+    """``(y, mean, variance)`` of ``torch.batch_norm`` of ``xv - shift``; momentum 1
+    hands it the unbiased variance, scaled back exactly (``1 / invstd**2 -
+    epsilon`` would lose a variance small next to epsilon)."""
     dtype = _kernel_dtype(xv)
     shift = xv[formulas.shift_index(xv.dim(), [0, *range(2, xv.dim())])]
     shift = shift.detach().to(dtype)
@@ -260,15 +213,7 @@ def _kernel_batch_normalize(xv, gamma, beta, epsilon: float, plan: Plan):
 
 
 def batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
-    """Training-mode BN of ``x`` as ``plan`` says: ``(y, mean, variance)`` as
-    :func:`kerasbn.formulas.batch_normalize` returns them.
-
-    Example:
-        >>> x = torch.tensor([[0.0], [2.0]])
-        >>> y, mean, var = batch_normalize(x, formulation(x.shape, [0]), None, None, 0.0)
-        >>> [round(float(v), 6) for v in (y[0, 0], y[1, 0], mean[0, 0], var[0, 0])]
-        [-1.0, 1.0, 1.0, 1.0]
-    """
+    """:meth:`kerasbn.backends.Kernels.batch_normalize`."""
     dtype = _kernel_dtype(x)
     xv = _kernel_view(x, plan)
     if plan.formulation == "matvec":
@@ -289,19 +234,8 @@ def batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
     )
 
 
-# ------------------------------------------------------------------ inference
 def normalize(x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
-    """Inference-mode BN as :func:`kerasbn.formulas.normalize`: one
-    ``torch.batch_norm`` on the plan's view, or that function itself where the
-    statistics require a gradient (the kernel has none for them).
-
-    Example:
-        >>> x = torch.tensor([[0.0], [2.0]])
-        >>> plan = formulation(x.shape, [0], training=False)
-        >>> normalize(x, plan, torch.ones(1, 1), torch.ones(1, 1), None, None, 0.0)
-        tensor([[-1.],
-                [ 1.]])
-    """
+    """One ``torch.batch_norm``; the formulas where the statistics need a gradient."""
     if any(
         not isinstance(s, torch.Tensor) or s.requires_grad for s in (mean, variance)
     ):
@@ -313,38 +247,17 @@ def normalize(x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
     return _restore(y, x, plan)
 
 
-# ------------------------------------------------------ non-finite guard
 def all_finite(first, *others):
-    """A scalar boolean tensor, on the device: ``isfinite(...).all()`` of
-    :func:`kerasbn.formulas.finite_probe`, in PyTorch's ops (eager PyTorch
-    pays each Keras op's dispatch).
-
-    Example:
-        >>> all_finite(torch.ones(2), torch.tensor([0.0, float("inf")]))
-        tensor(False)
-    """
+    """``torch.isfinite(finite_probe(...)).all()``: Keras's eager ops pay dispatch."""
     probe = formulas.finite_probe(
         torch.as_tensor(first), *(torch.as_tensor(t) for t in others)
     )
     return torch.isfinite(probe).all()
 
 
-# ------------------------------------------------ synchronized statistics
 def global_moments(local: formulas.Moments) -> formulas.Moments:
-    """The moments of all ``torch.distributed`` processes; ``local`` without a
-    group of several processes, and on the "meta" device (Keras's tracing).
-
-    One differentiable ``all_gather`` brings every process's moments to every
-    process, and :func:`kerasbn.formulas.combine_moments` merges them exactly,
-    weighted by the counts: bit-identical statistics of the global batch, and
-    each process gets the gradient of the global-batch BN for its inputs, as
-    with ``torch.nn.SyncBatchNorm``. Every process calls the layer as often.
-
-    Example:
-        >>> m = formulas.sufficient_moments(torch.ones(2, 3), [0])
-        >>> tuple(global_moments(m).count.shape)  # no process group: local
-        (1, 3)
-    """
+    """:meth:`kerasbn.backends.Kernels.global_moments` by one differentiable
+    ``all_gather``; ``local`` on "meta". Every process calls the layer as often."""
     if not _distributed() or local.count.device.type == "meta":
         return local
     gathered = _AllGather.apply(torch.stack(list(local)))
@@ -383,27 +296,9 @@ def assert_divisible(x, group_size: int, message: str):
     return x
 
 
-# ------------------------------------------------ host-side worker gather
 def gather_workers(array: np.ndarray, variable=None) -> np.ndarray:
-    """Every process's float64 ``array``, stacked in rank order, bit for bit.
-
-    With an initialized ``torch.distributed`` process group of more than one
-    process, one ``all_gather`` of float64 tensors (on the current CUDA
-    device for the NCCL backend, on the CPU otherwise) brings each process's
-    array to every process. Otherwise ``array[None]``. Every process must
-    call it, with arrays of the same shape.
-
-    Args:
-        array: this process's array.
-        variable: unused (the process group is torch's own).
-
-    Returns:
-        ``(world_size, *array.shape)`` float64.
-
-    Example:
-        >>> gather_workers(np.arange(3.0)).shape  # no process group
-        (1, 3)
-    """
+    """:meth:`kerasbn.backends.Kernels.gather_workers`: one ``all_gather`` (on
+    the current CUDA device under NCCL)."""
     array = np.ascontiguousarray(array, np.float64)
     if not _distributed():
         return array[np.newaxis]
@@ -418,21 +313,10 @@ def gather_workers(array: np.ndarray, variable=None) -> np.ndarray:
 
 
 def replicas_in_sync() -> int:
-    """1: Keras's PyTorch trainer does not scale a loss by the replicas.
-
-    Example:
-        >>> replicas_in_sync()
-        1
-    """
+    """1: Keras's PyTorch trainer does not scale a loss by the replicas."""
     return 1
 
 
 def jit(function):
-    """``function`` itself: eager PyTorch ops need no compiling, and a
-    ``torch.compile`` of a model per pass costs more than it saves.
-
-    Example:
-        >>> jit(abs) is abs
-        True
-    """
+    """``function``: a ``torch.compile`` per pass costs more than it saves."""
     return function
