@@ -1,4 +1,5 @@
-"""The GPU benchmark's smoke run: it runs on the CPU and prints its table.
+"""The benchmark scripts: the GPU benchmark runs on the CPU and prints its
+table, and the harness computes spreads and caps as stated.
 
 No timing is asserted: only that the script exits 0 and that its table has a
 line for every contender of the backend under test, train and inference, in
@@ -46,3 +47,54 @@ def test_bench_gpu_smoke_prints_a_table_line_per_contender():
             for name in CONTENDERS[backend]:
                 assert (dtype, step, name) in found, (dtype, step, name, done.stdout)
     assert "copy bandwidth" in done.stdout
+
+
+def _harness():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import harness
+    finally:
+        sys.path.pop(0)
+    return harness
+
+
+def test_ratio_spreads_give_each_cell_its_median_range_and_verdict():
+    harness = _harness()
+    runs = [  # kerasbn 1 ms; Keras 3 ms per run as below
+        {
+            "results": [
+                {
+                    "shape": [8, 4],
+                    "axis": -1,
+                    "formulation": "f",
+                    "median_s": {
+                        "train/kerasbn": 1.0,
+                        "train/keras": k,
+                        "infer/kerasbn": 2.0,
+                        "infer/keras": i,
+                    },
+                }
+            ]
+        }
+        for k, i in ((1.5, 2.1), (1.2, 1.9), (1.4, 2.0))
+    ]
+    train, infer = harness.ratio_spreads(runs, ["keras"], ["train", "infer"])
+    assert (train["ratio"], train["low"], train["high"]) == (1.4, 1.2, 1.5)
+    assert train["counts"]  # a range of 0.3 under a gap of 0.4
+    assert (infer["ratio"], infer["low"], infer["high"]) == (1.0, 0.95, 1.05)
+    assert not infer["counts"]  # a range of 0.1 over a gap of 0
+    table = harness.spread_table([train, infer], {"keras": "Keras 3"})
+    assert "| (8, 4) (-1) [f] | train | vs Keras 3 | 1.40x | 1.20-1.50 |" in table
+    assert "| ~1.00x | 0.95-1.05 |" in table
+
+
+def test_isa_caps_reach_every_framework_and_keep_other_xla_flags():
+    harness = _harness()
+    env = harness.isa_environment(
+        "avx2", {"XLA_FLAGS": "--a=1 --xla_cpu_max_isa=AVX512"}
+    )
+    assert env["XLA_FLAGS"] == "--a=1 --xla_cpu_max_isa=AVX2"
+    assert env["TF_ENABLE_ONEDNN_OPTS"] == "0"
+    assert env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert env["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert harness.isa_environment("native", {"A": "1"}) == {"A": "1"}
