@@ -73,7 +73,7 @@ def device(x) -> str | None:
 def default_device() -> str:
     """``jax.default_backend()``, a CPU as :data:`CPU_DEVICE`."""
     platform = jax.default_backend()
-    return CPU_DEVICE if platform == CPU else platform
+    return isa.resolve(platform, CPU_DEVICE)
 
 
 def xla_cpu_max_isa() -> str | None:

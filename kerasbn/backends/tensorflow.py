@@ -103,7 +103,7 @@ def device(x) -> str | None:
     name = getattr(x, "device", "") or ""
     if name:
         kind = (tf.DeviceSpec.from_string(name).device_type or "CPU").lower()
-        return CPU_DEVICE if kind == CPU else kind
+        return isa.resolve(kind, CPU_DEVICE)
     return default_device()
 
 

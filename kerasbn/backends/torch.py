@@ -68,13 +68,13 @@ def device(x) -> str | None:
     if not isinstance(x, torch.Tensor):
         return None
     kind = x.device.type
-    return CPU_DEVICE if kind == CPU else kind
+    return isa.resolve(kind, CPU_DEVICE)
 
 
 def default_device() -> str:
     """``torch.get_default_device()``'s type, a CPU as :data:`CPU_DEVICE`."""
     kind = torch.empty(0).device.type
-    return CPU_DEVICE if kind == CPU else kind
+    return isa.resolve(kind, CPU_DEVICE)
 
 
 def _cpu_instruction_set() -> str:
