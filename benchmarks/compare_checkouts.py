@@ -45,6 +45,7 @@ def run_once(checkout: Path, bench_args: list[str], path: Path) -> dict:
             sys.executable,
             str(HERE / "bench_layer.py"),
             *bench_args,
+            *("--runs", "1"),  # one run per process: the alternation is here
             "--json",
             str(path),
         ],
@@ -83,8 +84,9 @@ def main(argv=None) -> None:
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     bench_args = argv[split + 1 :]
-    if "--json" in bench_args:
-        parser.error("--json goes before --: it receives every run")
+    for flag in ("--json", "--runs"):
+        if flag in bench_args:
+            parser.error(f"{flag} goes before --: this script makes the runs")
     checkouts = {"before": args.before.resolve(), "after": args.after.resolve()}
     for name, root in checkouts.items():
         if not (root / "kerasbn" / "__init__.py").is_file():

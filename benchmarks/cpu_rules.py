@@ -61,7 +61,7 @@ def patch(backend: str, candidate: str) -> str:
         from kerasbn.backends import torch as module
 
         level = module.isa.device_isa(module.CPU_DEVICE)
-        measured = module.MATVEC[module.isa.AVX512]
+        measured = module.MATVEC.get(level, module.MATVEC[module.isa.AVX512])
         module.MATVEC.pop(level, None)
         if candidate == "matvec":
             module.MATVEC[level] = measured

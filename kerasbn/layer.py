@@ -335,42 +335,44 @@ class BatchNorm(keras.layers.Layer):
 
     # --------------------------------------------------------- moving updates
     def _update_moving_statistics(self, mean, variance, mask):
-        mean = ops.squeeze(mean, axis=tuple(self._reduction_axes))
-        variance = ops.squeeze(variance, axis=tuple(self._reduction_axes))
+        # A reshape, not a squeeze: compilers cancel it with the kernel's own.
+        mean = ops.reshape(mean, self.moving_mean.shape)
+        variance = ops.reshape(variance, self.moving_variance.shape)
         usable = backends.all_finite(mean, variance)
         if mask is not None:  # a channel that saw too few values keeps them
             seen = ops.sum(ops.cast(mask, "float32"), axis=self._reduction_axes)
             needed = 2.0 if self.unbiased_moving_variance else 1.0
             usable = ops.logical_and(usable, seen >= needed)
-        for variable, value in self._moving_updates(mean, variance):
-            current = variable.value
-            variable.assign(ops.where(usable, ops.cast(value, variable.dtype), current))
+        backends.assign_where(usable, self._moving_updates(mean, variance))
 
     def _moving_updates(self, mean, variance):
-        """Pairs ``(variable, new value)`` of one training step."""
+        """Triples ``(variable, its value, its new value)`` of one training step."""
         if not self.renorm:
             return [
                 self._ema(self.moving_mean, mean),
                 self._ema(self.moving_variance, variance),
             ]
         stddev = ops.sqrt(variance + self.epsilon)
-        _, moving_stddev = self._ema(self.moving_stddev, stddev)
+        moving_stddev = self._ema(self.moving_stddev, stddev)
+        new_stddev = moving_stddev[2]
         return [
             self._ema(self.renorm_mean, mean, self.renorm_momentum),
             self._ema(self.renorm_stddev, stddev, self.renorm_momentum),
             self._ema(self.moving_mean, mean),
-            (self.moving_stddev, moving_stddev),
+            moving_stddev,
             (
                 self.moving_variance,
-                ops.relu(moving_stddev * moving_stddev - self.epsilon),
+                self.moving_variance.value,
+                ops.relu(new_stddev * new_stddev - self.epsilon),
             ),
         ]
 
     def _ema(self, variable, value, momentum=None):
-        """``(variable, its moving average towards value)``, at the layer's momentum
-        unless another is given."""
+        """``(variable, its value, its moving average towards value)``, at the
+        layer's momentum unless another is given."""
         momentum = self.momentum if momentum is None else momentum
-        return variable, formulas.ema_update(variable.value, value, momentum)
+        current = variable.value
+        return variable, current, formulas.ema_update(current, value, momentum)
 
     # ---------------------------------------------------------------- helpers
     def _broadcast(self, weight):

@@ -205,6 +205,30 @@ def test_layer_calls_the_fast_path_in_training_and_inference(rng, monkeypatch):
     assert calls == ["batch_normalize", "normalize"]
 
 
+@pytest.mark.parametrize(
+    "shape, device, k",
+    [
+        ((32, 24, 24, 10), "cpu:avx512", 8),  # 80 lanes: five 16-lane vectors
+        ((32, 24, 24, 10), "cpu:avx2", 4),  # 40 lanes: five 8-lane vectors
+        ((16, 16, 16, 20), "cpu:avx512", 4),
+        ((3, 7, 5), "cpu:avx512", 1),  # 21 rows: no power of two divides them
+        ((6, 5, 12), "cpu:avx512", 2),  # 30 rows: 4 does not divide them
+        ((32, 24, 24, 10), "cpu:other", 1),  # unmeasured: never widened
+    ],
+)
+def test_matvec_view_is_widened_to_whole_vectors(shape, device, k):
+    axes = list(range(len(shape) - 1))
+    plan = torch_backend.formulation(shape, axes, device=device).using("matvec")
+    x = torch.randn(shape)
+    view = torch_backend._kernel_view(x, plan)
+    assert tuple(view.shape) == (x.numel() // (k * shape[-1]), k * shape[-1])
+    assert view.data_ptr() == x.data_ptr()
+    inference = torch_backend.formulation(shape, axes, training=False, device=device)
+    assert (
+        torch_backend._kernel_view(x, inference.using("matvec")).shape[1] == shape[-1]
+    )
+
+
 def test_views_of_channels_last_inputs_copy_nothing():
     x = torch.randn(4, 5, 6, 8)
     plan = torch_backend.formulation(x.shape, [0, 1, 2])

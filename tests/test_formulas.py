@@ -261,3 +261,17 @@ def test_backend_all_finite_matches_numpy(size):
                 keras.ops.convert_to_tensor(first), keras.ops.convert_to_tensor(second)
             )
             assert bool(keras.ops.convert_to_numpy(got)) == expected
+
+
+@pytest.mark.parametrize("usable", [True, False, [True, False, True]])
+def test_backend_assign_where_assigns_only_where_usable(usable):
+    from kerasbn import backends
+
+    held = np.array([1.0, 2.0, 3.0], "float32")
+    value = np.array([-1.0, np.nan, 7.5], "float32")
+    variable = keras.Variable(held)
+    current = variable.value
+    condition = keras.ops.convert_to_tensor(np.array(usable))
+    backends.assign_where(condition, [(variable, current, keras.ops.array(value))])
+    expected = np.where(np.array(usable), value, held)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), expected)

@@ -24,6 +24,7 @@ __all__ = [
     "Kernels",
     "Plan",
     "all_finite",
+    "assign_where",
     "batch_normalize",
     "check_divisible",
     "current",
@@ -77,6 +78,12 @@ class Kernels(Protocol):
 
     def all_finite(self, first, *others):
         """A scalar boolean: :func:`kerasbn.formulas.all_finite`, computed fastest."""
+
+    def assign_where(self, usable, updates) -> None:
+        """For each ``(variable, current, value)`` of ``updates``,
+        ``variable.assign(value)`` where the boolean ``usable`` (a scalar, or one
+        per element) holds, else ``current`` (its value, read once by the caller);
+        ``value`` cast to the variable's dtype."""
 
     # The distribution engine.
     def global_moments(self, local: Moments) -> Moments:
@@ -200,37 +207,32 @@ def normalize(x, axes: Sequence[int], mean, variance, gamma, beta, epsilon: floa
 
 
 def all_finite(first, *others):
-    """A scalar boolean: every element of every tensor is finite.
-
-    Example:
-        >>> bool(all_finite(keras.ops.ones(2), keras.ops.array([1.0, float("nan")])))
-        False
-    """
+    """A scalar boolean: every element of every tensor is finite."""
     module = current()
     if module is None:
         return formulas.all_finite(first, *others)
     return module.all_finite(first, *others)
 
 
-def global_moments(local: Moments) -> Moments:
-    """The backend's :meth:`Kernels.global_moments`; ``local`` without one.
+def assign_where(usable, updates) -> None:
+    """The backend's :meth:`Kernels.assign_where`, else by ``keras.ops.where``."""
+    module = current()
+    if module is not None:
+        return module.assign_where(usable, updates)
+    for variable, held, value in updates:
+        value = keras.ops.cast(value, variable.dtype)
+        variable.assign(keras.ops.where(usable, value, held))
+    return None
 
-    Example:
-        >>> m = formulas.sufficient_moments(keras.ops.ones((2, 3)), [0])
-        >>> tuple(global_moments(m).count.shape)  # nothing distributed: local
-        (1, 3)
-    """
+
+def global_moments(local: Moments) -> Moments:
+    """The backend's :meth:`Kernels.global_moments`; ``local`` without one."""
     module = current()
     return local if module is None else module.global_moments(local)
 
 
 def gather_workers(array, variable=None):
-    """The backend's :meth:`Kernels.gather_workers`; ``array[None]`` without one.
-
-    Example:
-        >>> gather_workers(np.ones(2)).tolist()  # one process
-        [[1.0, 1.0]]
-    """
+    """The backend's :meth:`Kernels.gather_workers`; ``array[None]`` without one."""
     module = current()
     if module is None:
         return np.asarray(array, np.float64)[np.newaxis]
@@ -238,23 +240,13 @@ def gather_workers(array, variable=None):
 
 
 def jit(function):
-    """The backend's :meth:`Kernels.jit`; ``function`` itself without one.
-
-    Example:
-        >>> int(jit(abs)(-2))
-        2
-    """
+    """The backend's :meth:`Kernels.jit`; ``function`` itself without one."""
     module = current()
     return function if module is None else module.jit(function)
 
 
 def replicas_in_sync() -> int:
-    """The backend's :meth:`Kernels.replicas_in_sync`; 1 without one.
-
-    Example:
-        >>> replicas_in_sync()
-        1
-    """
+    """The backend's :meth:`Kernels.replicas_in_sync`; 1 without one."""
     module = current()
     return 1 if module is None else module.replicas_in_sync()
 

@@ -235,6 +235,12 @@ def all_finite(first, *others):
     return total == 0.0
 
 
+def assign_where(usable, updates) -> None:
+    """One ``jnp.where`` per variable."""
+    for variable, current, value in updates:
+        variable.assign(jnp.where(usable, jnp.asarray(value, current.dtype), current))
+
+
 def global_moments(local: formulas.Moments) -> formulas.Moments:
     """``local``: under SPMD the moments are global already."""
     return local

@@ -17,7 +17,8 @@ __all__ = ["CPU", "KERNEL_FUNCTIONS", "NOMINAL_DIM", "Plan", "channel_vector"]
 
 KERNEL_FUNCTIONS = (
     *("device", "default_device", "formulation", "batch_normalize", "normalize"),
-    *("all_finite", "global_moments", "assert_divisible", "gather_workers"),
+    *("all_finite", "assign_where", "global_moments", "assert_divisible"),
+    "gather_workers",
     *("replicas_in_sync", "jit"),
 )
 """The functions of every backend module: :class:`kerasbn.backends.Kernels`."""
@@ -72,8 +73,10 @@ class Plan:
         return cls(shape, start, stop, **fields)
 
     def using(self, formulation: str) -> Plan:
-        """This plan with another formulation."""
-        return dataclasses.replace(self, formulation=formulation)
+        """This plan with another formulation (``dataclasses.replace``, without
+        its field-by-field introspection: a plan is made on every call)."""
+        fields = (self.shape, self.start, self.stop, formulation, self.device)
+        return Plan(*fields, self.training)
 
     @property
     def rank(self) -> int:
@@ -113,7 +116,7 @@ class Plan:
     @property
     def known_outer(self) -> int:
         """The product of the known sizes before the channel axes."""
-        return math.prod(d for d in self.shape[: self.start] if isinstance(d, int))
+        return math.prod([d for d in self.shape[: self.start] if isinstance(d, int)])
 
     @property
     def static(self) -> bool:
@@ -128,6 +131,23 @@ class Plan:
     @property
     def channels_last(self) -> bool:
         return self.stop == self.rank
+
+    def widening(self, width: int) -> int:
+        """``k`` of the view ``(rows / k, k * channels)`` whose rows fill whole
+        vectors of ``width`` lanes, halved until it divides the known rows; 1
+        without ``width``, channels not last, or ``4 * width`` channels or more.
+
+        Example:
+            >>> Plan.of((32, 24, 24, 10), [0, 1, 2]).widening(16)
+            8
+        """
+        channels = self.channels
+        if not width or not self.channels_last or channels >= 4 * width:
+            return 1
+        k = width // math.gcd(channels, width)
+        while self.known_outer % k:
+            k //= 2
+        return k
 
     @property
     def keepdims_shape(self) -> tuple[int, ...]:

@@ -166,14 +166,8 @@ def cpu_rules(device: str) -> CpuRules | None:
 
 def _widening(plan: Plan) -> int:
     """``k`` of the widened view (``k * C`` a multiple of the vector width); or 1."""
-    rules, channels = cpu_rules(plan.device), plan.channels
-    width = rules.vector_width if rules else 0
-    if not width or not plan.channels_last or channels >= 4 * width:
-        return 1
-    k = width // math.gcd(channels, width)
-    while plan.known_outer % k:
-        k //= 2
-    return k
+    rules = cpu_rules(plan.device)
+    return plan.widening(rules.vector_width if rules else 0)
 
 
 def _shape_of(x):
@@ -242,9 +236,12 @@ class _Layout:
         return t
 
     def first(self, xv):
-        """Each channel's first sample (0 if empty), summed for a static shape."""
+        """Each channel's first sample (0 if empty), summed for a static shape
+        unless the sizes are known."""
         if self.k > 1:
             return tf.reduce_sum(xv[:1, : self.plan.channels], axis=0)
+        if not self.inner_axes and self.plan.count:  # known and not empty
+            return xv[(0,) * len(self.outer_axes)]
         reduced = self.outer_axes + self.inner_axes
         index = formulas.shift_index(self.plan.rank, reduced)
         return tf.reduce_sum(xv[index], axis=reduced, keepdims=bool(self.inner_axes))
@@ -398,6 +395,12 @@ def normalize(x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
 def all_finite(first, *others):
     """``all(isfinite(finite_probe(...)))``: one op fewer than a sum."""
     return tf.reduce_all(tf.math.is_finite(formulas.finite_probe(first, *others)))
+
+
+def assign_where(usable, updates) -> None:
+    """One ``tf.where`` per variable."""
+    for variable, current, value in updates:
+        variable.assign(tf.where(usable, tf.cast(value, current.dtype), current))
 
 
 def global_moments(local: formulas.Moments) -> formulas.Moments:

@@ -45,14 +45,16 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 class MatVecRule(NamedTuple):
     """When ``"matvec"`` serves on a measured instruction set: ``min_samples`` per
-    channel, under ``max_channels`` channels, off ``channel_multiple`` (SIMD width)."""
+    channel, under ``max_channels`` channels, off ``channel_multiple`` (SIMD width);
+    its view widened to rows of whole vectors of ``vector_width`` float32 lanes."""
 
     min_samples: int
     max_channels: int
     channel_multiple: int
+    vector_width: int
 
 
-MATVEC = {isa.AVX512: MatVecRule(4096, 32, 8), isa.AVX2: MatVecRule(4096, 32, 8)}
+MATVEC = {isa.AVX512: MatVecRule(4096, 32, 8, 16), isa.AVX2: MatVecRule(4096, 32, 8, 8)}
 """Measured per instruction set (``benchmarks/README.md``); unmeasured CPUs take
 ``torch.batch_norm``'s views, never slower than Keras's BN."""
 
@@ -132,10 +134,20 @@ def _kernel_view(x, plan: Plan):
         return x.permute(0, rank - 1, *range(1, rank - 1))
     outer = math.prod(x.shape[: plan.start])
     if plan.formulation in ("rows", "matvec"):
-        shape = (outer, plan.channels)
+        k = _widening(plan)
+        shape = (outer // k, k * plan.channels)
     else:
         shape = (outer, plan.channels, math.prod(x.shape[plan.stop :]))
     return x if tuple(x.shape) == shape else x.reshape(shape)
+
+
+def _widening(plan: Plan) -> int:
+    """``k`` of the ``"matvec"`` kernel's view ``(rows / k, k * C)`` in training
+    (:meth:`Plan.widening`); 1 elsewhere."""
+    rule = MATVEC.get(isa.device_isa(plan.device))
+    if plan.formulation != "matvec" or not plan.training or rule is None:
+        return 1
+    return plan.widening(rule.vector_width)
 
 
 def _restore(y, x, plan: Plan):
@@ -164,20 +176,21 @@ def _batch_norm(x, weight, bias, mean, variance, training, momentum, epsilon):
 
 
 class _MatVecBatchNorm(torch.autograd.Function):
-    """BN of ``(rows, C)`` by matrix-vector sums: ``(y, mean, variance)``; the
-    backward pass recomputes ``d = x - shift`` rather than keep it alive."""
+    """BN of ``(rows, C)`` viewed as ``(rows / k, k * C)``, by matrix-vector sums:
+    ``(y, mean, variance)``; the backward pass recomputes ``d = x - shift``
+    rather than keep it alive."""
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, epsilon):
-        n = x.shape[0]
-        ones = x.new_ones(n)  # ones @ t: the column sums of t, as a (C,) vector
-        shift = x[0]
-        d = x - shift
-        offset, variance = formulas.shifted_statistics(ones @ d, ones @ (d * d), n, _XP)
+    def forward(ctx, x, gamma, beta, epsilon, k):
+        n, sums, spread = _wide_sums(x, k, gamma.shape[0])
+        shift = x[0, : gamma.shape[0]]
+        d = x - spread(shift)
+        offset, variance = formulas.shifted_statistics(sums(d), sums(d * d), n, _XP)
         inv = formulas.inverse_std(variance, epsilon, _XP)
         scale, bias = formulas.affine(inv, offset, gamma, beta)
-        y = formulas.normalized(d, scale, bias, _XP)
+        y = formulas.normalized(d, spread(scale), spread(bias), _XP)
         mean = shift + offset
+        ctx.k = k
         ctx.save_for_backward(x, shift, offset, inv, scale)
         ctx.mark_non_differentiable(mean, variance)
         return y, mean, variance
@@ -185,13 +198,27 @@ class _MatVecBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _mean, _variance):
         x, shift, offset, inv, scale = ctx.saved_tensors
-        ones = x.new_ones(x.shape[0])
-        d = x - shift
+        n, sums, spread = _wide_sums(x, ctx.k, shift.shape[0])
+        d = x - spread(shift)
         dgamma, dbeta, slope, constant = formulas.backward_coefficients(
-            ones @ dy, ones @ (dy * d), x.shape[0], offset, inv, scale
+            sums(dy), sums(dy * d), n, offset, inv, scale
         )
-        dx = formulas.input_gradient(dy, d, scale, slope, constant, _XP)
-        return dx, dgamma, dbeta, None
+        vectors = map(spread, (scale, slope, constant))
+        dx = formulas.input_gradient(dy, d, *vectors, _XP)
+        return dx, dgamma, dbeta, None, None
+
+
+def _wide_sums(x, k: int, channels: int):
+    """``(samples per channel, sums, spread)`` of the widened ``x``: ``sums`` adds
+    rows into a ``(C,)`` vector (one matrix-vector product), ``spread`` tiles one."""
+    ones = x.new_ones(x.shape[0])  # ones @ t: the column sums of t
+    if k == 1:
+        return x.shape[0], ones.__matmul__, lambda v: v
+    return (
+        x.shape[0] * k,
+        lambda t: (ones @ t).reshape(k, channels).sum(0),
+        lambda v: v.repeat(k),
+    )
 
 
 def _kernel_batch_normalize(xv, gamma, beta, epsilon: float, plan: Plan):
@@ -222,6 +249,7 @@ def batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
             _vector(gamma, plan, dtype, 1.0),
             _vector(beta, plan, dtype, 0.0),
             epsilon,
+            _widening(plan),
         )
     else:
         y, mean, variance = _kernel_batch_normalize(
@@ -253,6 +281,14 @@ def all_finite(first, *others):
         torch.as_tensor(first), *(torch.as_tensor(t) for t in others)
     )
     return torch.isfinite(probe).all()
+
+
+def assign_where(usable, updates) -> None:
+    """One ``torch.where`` per variable, without Keras's dispatch."""
+    usable = torch.as_tensor(usable)
+    with torch.no_grad():
+        for variable, current, value in updates:
+            variable.assign(torch.where(usable, value.to(current.dtype), current))
 
 
 def global_moments(local: formulas.Moments) -> formulas.Moments:
