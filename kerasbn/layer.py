@@ -354,7 +354,7 @@ class BatchNorm(keras.layers.Layer):
             ]
         stddev = ops.sqrt(variance + self.epsilon)
         moving_stddev = self._ema(self.moving_stddev, stddev)
-        new_stddev = moving_stddev[2]
+        _, _, new_stddev = moving_stddev
         return [
             self._ema(self.renorm_mean, mean, self.renorm_momentum),
             self._ema(self.renorm_stddev, stddev, self.renorm_momentum),

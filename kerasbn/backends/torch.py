@@ -181,8 +181,8 @@ class _MatVecBatchNorm(torch.autograd.Function):
     rather than keep it alive."""
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, epsilon, k):
-        n, sums, spread = _wide_sums(x, k, gamma.shape[0])
+    def forward(ctx, x, gamma, beta, epsilon):
+        n, sums, spread = _wide_sums(x, gamma.shape[0])
         shift = x[0, : gamma.shape[0]]
         d = x - spread(shift)
         offset, variance = formulas.shifted_statistics(sums(d), sums(d * d), n, _XP)
@@ -190,7 +190,6 @@ class _MatVecBatchNorm(torch.autograd.Function):
         scale, bias = formulas.affine(inv, offset, gamma, beta)
         y = formulas.normalized(d, spread(scale), spread(bias), _XP)
         mean = shift + offset
-        ctx.k = k
         ctx.save_for_backward(x, shift, offset, inv, scale)
         ctx.mark_non_differentiable(mean, variance)
         return y, mean, variance
@@ -198,19 +197,21 @@ class _MatVecBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _mean, _variance):
         x, shift, offset, inv, scale = ctx.saved_tensors
-        n, sums, spread = _wide_sums(x, ctx.k, shift.shape[0])
+        n, sums, spread = _wide_sums(x, shift.shape[0])
         d = x - spread(shift)
         dgamma, dbeta, slope, constant = formulas.backward_coefficients(
             sums(dy), sums(dy * d), n, offset, inv, scale
         )
         vectors = map(spread, (scale, slope, constant))
         dx = formulas.input_gradient(dy, d, *vectors, _XP)
-        return dx, dgamma, dbeta, None, None
+        return dx, dgamma, dbeta, None
 
 
-def _wide_sums(x, k: int, channels: int):
-    """``(samples per channel, sums, spread)`` of the widened ``x``: ``sums`` adds
-    rows into a ``(C,)`` vector (one matrix-vector product), ``spread`` tiles one."""
+def _wide_sums(x, channels: int):
+    """``(samples per channel, sums, spread)`` of ``x`` viewed as ``(rows / k, k *
+    channels)``: ``sums`` adds rows into a ``(C,)`` vector (one matrix-vector
+    product), ``spread`` tiles one ``k`` times."""
+    k = x.shape[1] // channels
     ones = x.new_ones(x.shape[0])  # ones @ t: the column sums of t
     if k == 1:
         return x.shape[0], ones.__matmul__, lambda v: v
@@ -249,7 +250,6 @@ def batch_normalize(x, plan: Plan, gamma, beta, epsilon: float):
             _vector(gamma, plan, dtype, 1.0),
             _vector(beta, plan, dtype, 0.0),
             epsilon,
-            _widening(plan),
         )
     else:
         y, mean, variance = _kernel_batch_normalize(
