@@ -210,7 +210,8 @@ class _MatVecBatchNorm(torch.autograd.Function):
 def _wide_sums(x, channels: int):
     """``(samples per channel, sums, spread)`` of ``x`` viewed as ``(rows / k, k *
     channels)``: ``sums`` adds rows into a ``(C,)`` vector (one matrix-vector
-    product), ``spread`` tiles one ``k`` times."""
+    product), ``spread`` tiles one ``k`` times (by ``cat``: ``repeat`` costs
+    four times as much on eager PyTorch)."""
     k = x.shape[1] // channels
     ones = x.new_ones(x.shape[0])  # ones @ t: the column sums of t
     if k == 1:
@@ -218,7 +219,7 @@ def _wide_sums(x, channels: int):
     return (
         x.shape[0] * k,
         lambda t: (ones @ t).reshape(k, channels).sum(0),
-        lambda v: v.repeat(k),
+        lambda v: torch.cat([v] * k),
     )
 
 
