@@ -372,7 +372,7 @@ class BatchNorm(keras.layers.Layer):
         layer's momentum unless another is given."""
         momentum = self.momentum if momentum is None else momentum
         current = variable.value
-        return variable, current, formulas.ema_update(current, value, momentum)
+        return variable, current, backends.moving_average(current, value, momentum)
 
     # ---------------------------------------------------------------- helpers
     def _broadcast(self, weight):

@@ -275,3 +275,26 @@ def test_backend_assign_where_assigns_only_where_usable(usable):
     backends.assign_where(condition, [(variable, current, keras.ops.array(value))])
     expected = np.where(np.array(usable), value, held)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), expected)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9, 0.99, 0.999, 1.0])
+def test_backend_moving_average_is_kerass_to_float32_rounding(momentum):
+    """``moving * momentum + value * (1 - momentum)`` in float64 NumPy, within
+    two float32 roundings; the ends exactly: momentum 1 keeps ``moving``,
+    momentum 0 takes ``value``."""
+    from kerasbn import backends
+
+    rng = np.random.default_rng(7)
+    moving = (rng.normal(0, 1, 64) * 10.0 ** rng.integers(-6, 7, 64)).astype("float32")
+    value = (rng.normal(0, 1, 64) * 10.0 ** rng.integers(-6, 7, 64)).astype("float32")
+    got = backends.moving_average(
+        keras.Variable(moving).value, keras.ops.convert_to_tensor(value), momentum
+    )
+    got = keras.ops.convert_to_numpy(got)
+    assert got.dtype == np.float32
+    m, v = moving.astype(np.float64), value.astype(np.float64)
+    expected = m * momentum + v * (1.0 - momentum)
+    scale = np.abs(m) * momentum + np.abs(v) * (1.0 - momentum)
+    np.testing.assert_array_less(np.abs(got - expected), 2.5 * 2.0**-24 * scale + 1e-45)
+    if momentum in (0.0, 1.0):
+        np.testing.assert_array_equal(got, moving if momentum else value)

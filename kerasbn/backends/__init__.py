@@ -32,6 +32,7 @@ __all__ = [
     "gather_workers",
     "global_moments",
     "jit",
+    "moving_average",
     "normalize",
     "plan",
     "replicas_in_sync",
@@ -78,6 +79,10 @@ class Kernels(Protocol):
 
     def all_finite(self, first, *others):
         """A scalar boolean: :func:`kerasbn.formulas.all_finite`, computed fastest."""
+
+    def moving_average(self, moving, value, momentum: float):
+        """:func:`kerasbn.formulas.ema_update`, Keras's moving average, computed
+        fastest (to the rounding of its two products)."""
 
     def assign_where(self, usable, updates) -> None:
         """For each ``(variable, current, value)`` of ``updates``,
@@ -212,6 +217,15 @@ def all_finite(first, *others):
     if module is None:
         return formulas.all_finite(first, *others)
     return module.all_finite(first, *others)
+
+
+def moving_average(moving, value, momentum: float):
+    """The backend's :meth:`Kernels.moving_average`, else
+    :func:`kerasbn.formulas.ema_update`."""
+    module = current()
+    if module is None:
+        return formulas.ema_update(moving, value, momentum)
+    return module.moving_average(moving, value, momentum)
 
 
 def assign_where(usable, updates) -> None:

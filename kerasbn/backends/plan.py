@@ -17,7 +17,8 @@ __all__ = ["CPU", "KERNEL_FUNCTIONS", "NOMINAL_DIM", "Plan", "channel_vector"]
 
 KERNEL_FUNCTIONS = (
     *("device", "default_device", "formulation", "batch_normalize", "normalize"),
-    *("all_finite", "assign_where", "global_moments", "assert_divisible"),
+    *("all_finite", "moving_average", "assign_where"),
+    *("global_moments", "assert_divisible"),
     "gather_workers",
     *("replicas_in_sync", "jit"),
 )

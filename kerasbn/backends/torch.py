@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -101,8 +102,18 @@ def formulation(
     training: bool = True,
     device: str = CPU,
 ) -> Plan | None:
-    """:meth:`kerasbn.backends.Kernels.formulation`; no size decides in inference."""
+    """:meth:`kerasbn.backends.Kernels.formulation`; no size decides in inference.
+
+    Eager calls look their plan up (making one costs more than a small
+    ``torch.batch_norm``); under ``torch.compile`` it is made afresh, so the
+    compiler guards on no cache."""
     del epsilon
+    if torch.compiler.is_compiling():
+        return _formulation(tuple(shape), tuple(axes), dtype, training, device)
+    return _cached_formulation(tuple(shape), tuple(axes), dtype, training, device)
+
+
+def _formulation(shape, axes, dtype, training, device) -> Plan | None:
     device = isa.resolve(device, CPU_DEVICE)
     plan = Plan.of(shape, axes, device=device, training=training)
     if plan is None or dtype not in DTYPES or plan.empty:
@@ -120,6 +131,9 @@ def formulation(
     if plan.rank in (4, 5) and plan.start == plan.rank - 1:
         return plan.using("channels_last")
     return plan.using("rows")
+
+
+_cached_formulation = functools.lru_cache(maxsize=1024)(_formulation)
 
 
 def _kernel_dtype(x) -> torch.dtype:
@@ -277,11 +291,24 @@ def normalize(x, plan: Plan, mean, variance, gamma, beta, epsilon: float):
 
 
 def all_finite(first, *others):
-    """``torch.isfinite(finite_probe(...)).all()``: Keras's eager ops pay dispatch."""
-    probe = formulas.finite_probe(
-        torch.as_tensor(first), *(torch.as_tensor(t) for t in others)
-    )
-    return torch.isfinite(probe).all()
+    """Whether ``p - p == p - p`` everywhere, ``p`` the tensors stacked where
+    their shapes agree (the layer's statistics), else their
+    :func:`~kerasbn.formulas.finite_probe`: ``p - p`` is 0 exactly where ``p``
+    is finite and NaN elsewhere. Four small ops in all, where
+    ``torch.isfinite`` alone runs four and ``t * 0.0`` wraps a Python number."""
+    tensors = [torch.as_tensor(t) for t in (first, *others)]
+    if all(t.shape == tensors[0].shape for t in tensors):
+        probe = torch.stack(tensors)
+    else:
+        probe = formulas.finite_probe(*tensors)
+    zeros = probe - probe
+    return (zeros == zeros).all()
+
+
+def moving_average(moving, value, momentum: float):
+    """One ``torch.lerp(moving, value, 1 - momentum)``: ``moving * momentum``
+    alone costs more, wrapping the Python number in a tensor on every call."""
+    return torch.lerp(moving, value.to(moving.dtype), 1.0 - momentum)
 
 
 def assign_where(usable, updates) -> None:
