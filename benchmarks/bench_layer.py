@@ -176,6 +176,9 @@ def measure_shape(
         "shape": list(shape),
         "axis": axis,
         "formulation": formulation_label(shape, axis),
+        "layers": {
+            n: f"{type(v).__module__}.{type(v).__name__}" for n, v in layers.items()
+        },
         "copy_bandwidth_GBps": 2 * nbytes / copy_s / 1e9,
         "floor_s": {
             "train": TRAIN_PASSES / 2 * copy_s,
@@ -187,7 +190,10 @@ def measure_shape(
 
 def formulation_label(shape, axis: int) -> str:
     """kerasbn's formulation of this train step, or ``"?"`` where the kerasbn
-    on ``PYTHONPATH`` predates :func:`kerasbn.backends.formulation`."""
+    on ``PYTHONPATH`` predates :func:`kerasbn.backends.formulation`; ``"self-check"``
+    where Keras's BN takes kerasbn's place."""
+    if CONTENDERS["kerasbn"] is CONTENDERS["keras"]:
+        return "self-check"
     try:
         return steps.formulation(shape, axis)
     except (AttributeError, TypeError):
@@ -411,9 +417,20 @@ def main(argv=None) -> None:
         help="JAX: print the XLA kernels and bytes accessed of each train step "
         "(with --block, of each block's), then stop",
     )
+    parser.add_argument(
+        "--self-check",
+        action="store_true",
+        help="time Keras's BN in kerasbn's place: each 'vs Keras 3' ratio is then "
+        "Keras's BN against itself, the harness's noise floor on this machine",
+    )
     add_backend_flag(parser)
     add_output_flags(parser, "peak RSS per step")
     args = parser.parse_args(argv)
+    if args.self_check:
+        if args.block:
+            parser.error("--self-check times single layers; drop --block")
+        CONTENDERS["kerasbn"] = CONTENDERS["keras"]
+        print("# self-check: keras.layers.BatchNormalization in kerasbn's place")
     if args.rss_child:
         rss_child(*args.rss_child)
         return

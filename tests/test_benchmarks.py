@@ -8,6 +8,7 @@ float32 and bfloat16.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,6 +48,41 @@ def test_bench_gpu_smoke_prints_a_table_line_per_contender():
             for name in CONTENDERS[backend]:
                 assert (dtype, step, name) in found, (dtype, step, name, done.stdout)
     assert "copy bandwidth" in done.stdout
+
+
+def test_bench_layer_self_check_times_keras_bn_in_kerasbns_place(tmp_path):
+    """``--self-check`` builds Keras's BN where kerasbn's stands; without it
+    that slot holds ``kerasbn.BatchNorm``."""
+    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_layer.py")]
+    command += [
+        "--runs",
+        "1",
+        "--rounds",
+        "1",
+        "--budget",
+        "0.001",
+        "--shapes",
+        "32,100",
+    ]
+    slots = {}
+    for extra in ([], ["--self-check"]):
+        path = tmp_path / f"run{len(extra)}.json"
+        done = subprocess.run(
+            [*command, "--json", str(path), *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": pythonpath},
+        )
+        assert done.returncode == 0, (
+            f"bench_layer.py failed:\n{done.stdout}\n{done.stderr}"
+        )
+        (result,) = json.loads(path.read_text())["results"]
+        slots[bool(extra)] = (result["layers"]["kerasbn"], result["layers"]["keras"])
+    assert slots[False][0] == "kerasbn.layer.BatchNorm", slots
+    assert slots[True][0] == slots[True][1] == slots[False][1], slots
+    assert slots[False][1].endswith(".BatchNormalization"), slots
 
 
 def _harness():
