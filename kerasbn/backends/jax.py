@@ -235,9 +235,7 @@ def all_finite(first, *others):
     return total == 0.0
 
 
-def moving_average(moving, value, momentum: float):
-    """:func:`kerasbn.formulas.ema_update`: Keras's own ops, which the compiler fuses."""
-    return formulas.ema_update(moving, value, momentum)
+moving_average = formulas.ema_update  # Keras's own ops, which the compiler fuses
 
 
 def assign_where(usable, updates) -> None:

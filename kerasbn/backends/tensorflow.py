@@ -397,9 +397,7 @@ def all_finite(first, *others):
     return tf.reduce_all(tf.math.is_finite(formulas.finite_probe(first, *others)))
 
 
-def moving_average(moving, value, momentum: float):
-    """:func:`kerasbn.formulas.ema_update`: Keras's own ops, which the compiler fuses."""
-    return formulas.ema_update(moving, value, momentum)
+moving_average = formulas.ema_update  # Keras's own ops, which the compiler fuses
 
 
 def assign_where(usable, updates) -> None:
